@@ -1,0 +1,3 @@
+from kubeloop.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""Shared machinery of the API models: camelCase aliases, CRD metadata on the class.
+
+The pydantic models are the single source of the CRDs (see ``api/crdgen.py``): every
+field's description, bound, enum and CEL rule is declared here, next to the Python type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+
+class ApiModel(BaseModel):
+    """Base of every spec/status model: camelCase in YAML, snake_case in Python, strict keys."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+
+def cel(rule: str, message: str, *, field_path: str | None = None,
+        reason: str | None = None) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+def validations(*rules: dict[str, str]) -> dict[str, Any]:
+    """``json_schema_extra`` carrying CEL rules for a model or a field."""
+    return {"x-kubernetes-validations": list(rules)}
+
+
+def immutable(what: str) -> dict[str, Any]:
+    return validations(cel("self == oldSelf", f"{what} is immutable"))
+
+
+# Bounded scalar types reused across kinds. Every string and list in the CRDs is bounded
+# so CEL cost estimation passes and a typo cannot store megabytes in etcd.
+DNSLabel = Annotated[
+    str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+LongText = Annotated[str, StringConstraints(max_length=4096)]
+Duration = Annotated[
+    str, StringConstraints(max_length=32, pattern=r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
+]
+Quantity = Annotated[
+    str,
+    StringConstraints(
+        max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
+    ),
+]
+LabelMap = Annotated[dict[str, Annotated[str, StringConstraints(max_length=253)]],
+                     Field(max_length=64)]
+MetricName = Annotated[str, StringConstraints(min_length=1, max_length=63,
+                                              pattern=r"^[a-z][a-z0-9_]*$")]
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition (same shape as metav1.Condition)."""
+
+    type: Annotated[str, StringConstraints(max_length=63, pattern=r"^[A-Z][A-Za-z0-9]*$")] = Field(
+        description="Condition type, e.g. Ready, Progressing, Degraded.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: Annotated[str, StringConstraints(max_length=128)] = Field(
+        default="", description="CamelCase machine-readable reason for the last transition.")
+    message: Annotated[str, StringConstraints(max_length=32768)] = Field(
+        default="", description="Human-readable detail.")
+    last_transition_time: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="When status last changed (RFC 3339).")
+    observed_generation: int = Field(
+        default=0, ge=0, description="metadata.generation the condition was computed from.")
+
+
+class StatusBase(ApiModel):
+    """Fields every kind's status carries."""
+
+    observed_generation: int = Field(
+        default=0, ge=0, description="The metadata.generation this status was computed from.")
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16,
+        description="Ready, Progressing, Degraded and domain conditions.")
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the operator reads. Unknown keys are ignored."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    name: str
+    namespace: str = ""
+    uid: str = ""
+    generation: int = 0
+    resource_version: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    deletion_timestamp: str | None = None
+    creation_timestamp: str | None = None
+
+
+@dataclass(frozen=True)
+class PrinterColumn:
+    name: str
+    json_path: str
+    type: str = "string"
+    description: str = ""
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class CRDInfo:
+    """What the CRD says besides the schema: names, columns, root-level rules."""
+
+    kind: str
+    plural: str
+    short_names: tuple[str, ...]
+    columns: tuple[PrinterColumn, ...]
+    categories: tuple[str, ...] = ("kubeloop",)
+    root_rules: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    selectable_fields: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def singular(self) -> str:
+        return self.kind.lower()
+
+
+def ready_columns() -> tuple[PrinterColumn, ...]:
+    """READY/REASON columns read from the Ready condition, plus AGE."""
+    return (
+        PrinterColumn("Ready", '.status.conditions[?(@.type=="Ready")].status'),
+        PrinterColumn("Reason", '.status.conditions[?(@.type=="Ready")].reason', priority=1),
+        PrinterColumn("Age", ".metadata.creationTimestamp", type="date"),
+    )
+
+
+NAME_RULE = cel(
+    "size(self.metadata.name) <= 63",
+    "metadata.name must be at most 63 characters: it names child objects and label values",
+    reason="FieldValueInvalid",
+)
+
+
+class Resource(BaseModel):
+    """A whole custom object as the API server returns it: parsed at the edge."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    crd: ClassVar[CRDInfo]
+
+    api_version: str = ""
+    kind: str = ""
+    metadata: ObjectMeta
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace

@@ -1,0 +1,73 @@
+"""Operator start-up: kopf settings, the shared API client, the operator's own metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+import prometheus_client
+
+from kubeloop.backends.kube import KubeClient, connection_info
+from kubeloop.settings import Settings
+
+FINALIZER = "kubeloop.dev/finalizer"
+
+RECONCILES = prometheus_client.Counter(
+    "kubeloop_reconcile_total", "Reconciliations by kind and result.", ["kind", "result"])
+RECONCILE_SECONDS = prometheus_client.Histogram(
+    "kubeloop_reconcile_duration_seconds", "Reconciliation latency by kind.", ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+
+@dataclass
+class Runtime:
+    """What handlers share, kept in kopf's memo (no module-global clients)."""
+
+    settings: Settings
+    kube: KubeClient
+    locks: defaultdict[tuple[str, ...], asyncio.Lock] = field(
+        default_factory=lambda: defaultdict(asyncio.Lock))
+
+    def lock(self, *key: str) -> asyncio.Lock:
+        return self.locks[key]
+
+
+def runtime(memo: Any) -> Runtime:
+    rt: Runtime = memo["runtime"]
+    return rt
+
+
+def configure_kopf(settings: kopf.OperatorSettings, cfg: Settings) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubeloop.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubeloop.dev", key="last-handled-configuration")
+    settings.watching.server_timeout = cfg.watch_server_timeout
+    settings.watching.client_timeout = cfg.watch_client_timeout
+    # Our Events are explicit (kopf.event); only warnings from logs become Events.
+    settings.posting.level = logging.WARNING
+    settings.peering.standalone = cfg.standalone
+    settings.networking.connect_timeout = 10
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger,
+                  **_: Any) -> None:
+    cfg = Settings()
+    configure_kopf(settings, cfg)
+    memo["runtime"] = Runtime(cfg, KubeClient(connection_info(),
+                                              field_manager=cfg.field_manager))
+    if cfg.metrics_port:
+        prometheus_client.start_http_server(cfg.metrics_port, addr="0.0.0.0")  # noqa: S104
+        logger.info("operator metrics on :%d/metrics", cfg.metrics_port)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    rt = memo.get("runtime")
+    if isinstance(rt, Runtime):
+        await rt.kube.close()

@@ -1,0 +1,22 @@
+"""Deterministic child names: the same parent always yields the same child name, so a
+restarted operator finds what it created instead of creating it twice."""
+
+from __future__ import annotations
+
+import hashlib
+
+MAX_NAME = 63
+
+
+def child_name(*parts: str, max_length: int = MAX_NAME) -> str:
+    """Join ``parts`` with '-'; when too long, truncate and add a short stable hash."""
+    name = "-".join(p.strip("-") for p in parts if p)
+    if len(name) <= max_length:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: max_length - 9].rstrip('-')}-{digest}"
+
+
+def registry_index_name(model_name: str) -> str:
+    """ConfigMap that indexes every version and alias of one registered model."""
+    return child_name("kubeloop-registry", model_name)

@@ -1,0 +1,24 @@
+"""Condition types and reasons: CamelCase constants in one place."""
+
+from typing import Final
+
+# Condition types.
+READY: Final = "Ready"
+PROGRESSING: Final = "Progressing"
+DEGRADED: Final = "Degraded"
+GATES_PASSED: Final = "GatesPassed"
+DRIFTED: Final = "Drifted"
+
+# Reasons.
+RECONCILED: Final = "Reconciled"
+INVALID_SPEC: Final = "InvalidSpec"
+CROSS_NAMESPACE_REFERENCE: Final = "CrossNamespaceReference"
+ARTIFACT_NOT_FOUND: Final = "ArtifactNotFound"
+ARTIFACT_OUTSIDE_TENANT: Final = "ArtifactOutsideTenantPrefix"
+ARTIFACT_DIGEST_MISMATCH: Final = "ArtifactDigestMismatch"
+ARTIFACT_UNVERIFIED: Final = "ArtifactUnverified"
+DUPLICATE_VERSION: Final = "DuplicateVersion"
+ALIAS_MOVED: Final = "AliasMoved"
+ALIAS_CLAIMED: Final = "AliasClaimed"
+API_UNAVAILABLE: Final = "ApiUnavailable"
+REGISTERED: Final = "Registered"

@@ -1,0 +1,150 @@
+"""Integration fixtures: one real control plane per session, a fresh namespace per test, the
+real operator (kopf.testing.KopfRunner, or a subprocess where it must be killed).
+
+Set KUBELOOP_TEST_KUBECONFIG to run against an existing cluster instead of the local one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kopf.testing import KopfRunner
+
+from kubeloop.backends.kube import NAMESPACES, KubeClient, NotFound, connection_info
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def _load_cluster_module() -> Any:
+    spec = importlib.util.spec_from_file_location("kubeloop_cluster",
+                                                  ROOT / "hack" / "cluster" / "cluster.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kubeloop_cluster"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cluster_mod = _load_cluster_module()
+
+
+@dataclass(frozen=True)
+class TestCluster:
+    kubeconfig: Path
+    bin_dir: Path
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True
+                ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input, capture_output=True, text=True, check=check, timeout=60)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[TestCluster]:
+    existing = os.environ.get("KUBELOOP_TEST_KUBECONFIG")
+    bin_dir = cluster_mod.ensure_binaries()
+    if existing:
+        os.environ["KUBECONFIG"] = existing
+        yield TestCluster(Path(existing), bin_dir)
+        return
+    state = cluster_mod.CACHE / "cluster-test"
+    cluster_mod.down(state, purge=True)  # a fresh etcd every session
+    started = time.monotonic()
+    local = cluster_mod.up(state)
+    print(f"\nlocal control plane ready in {time.monotonic() - started:.1f}s at {local.server}")
+    os.environ["KUBECONFIG"] = str(local.kubeconfig)
+    try:
+        yield TestCluster(local.kubeconfig, bin_dir)
+    finally:
+        cluster_mod.down(state, purge=True)
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: TestCluster) -> TestCluster:
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+    return cluster
+
+
+@pytest.fixture
+async def kube(crds: TestCluster) -> AsyncIterator[KubeClient]:
+    async with KubeClient(connection_info(), field_manager="kubeloop-tests") as client:
+        yield client
+
+
+@pytest.fixture
+async def namespace(kube: KubeClient) -> AsyncIterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    await kube.create(NAMESPACES, None, {"apiVersion": "v1", "kind": "Namespace",
+                                         "metadata": {"name": name}})
+    yield name
+    with contextlib.suppress(NotFound):
+        await kube.delete(NAMESPACES, None, name)
+
+
+@pytest.fixture
+def artifact_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    monkeypatch.setenv("KUBELOOP_ARTIFACT_ROOT", str(root))
+    monkeypatch.setenv("KUBELOOP_METRICS_PORT", "0")
+    return root
+
+
+@pytest.fixture
+def operator(namespace: str, artifact_root: Path) -> Iterator[KopfRunner]:
+    """The real operator, in-process, watching only this test's namespace."""
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "kubeloop.handlers"]
+    with KopfRunner(args, timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output[-4000:]
+
+
+def operator_process(namespace: str, artifact_root: Path, log: Path) -> subprocess.Popen[bytes]:
+    """The operator as its own process (so a test can SIGKILL it)."""
+    env = {**os.environ, "KUBELOOP_ARTIFACT_ROOT": str(artifact_root),
+           "KUBELOOP_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kubeloop", "operator", "-n", namespace, "--liveness="],
+        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 30,
+                     interval: float = 0.2, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns a truthy value; fail with the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"{what} not reached in {timeout}s; last: {json.dumps(last)[:2000]}")
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions", []):
+        if cond["type"] == type_:
+            return dict(cond)
+    return None

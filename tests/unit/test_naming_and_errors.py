@@ -1,0 +1,88 @@
+"""Child names and the error adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+import pytest
+
+from kubeloop.backends.kube import ApiError, NotFound
+from kubeloop.handlers import events
+from kubeloop.handlers.errors import InvalidSpec, backoff, parse, reconciler
+from kubeloop.api.model_version import ModelVersion
+from kubeloop.planning.naming import child_name
+
+
+def test_child_names_are_stable_and_bounded() -> None:
+    assert child_name("kubeloop-registry", "churn") == "kubeloop-registry-churn"
+    long = child_name("x" * 60, "y" * 60)
+    assert len(long) == 63
+    assert long == child_name("x" * 60, "y" * 60)
+    assert long != child_name("x" * 60, "z" * 60)
+
+
+def test_backoff_grows_and_caps() -> None:
+    assert [backoff(r) for r in range(4)] == [2, 4, 8, 16]
+    assert backoff(30) == 120
+
+
+@pytest.fixture(autouse=True)
+def posted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
+    """Events are posted through kopf to the API: record them at that boundary."""
+    seen: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(events, "post", lambda body, t, r, m: seen.append((t, r, m)))
+    return seen
+
+
+BODY = {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "ModelVersion",
+        "metadata": {"name": "m-v1", "namespace": "ns", "generation": 4},
+        "spec": {"modelName": "m", "version": 1, "artifact": {"uri": "s3://b/k"}}}
+
+
+async def _call(exc: Exception) -> kopf.Patch:
+    @reconciler("ModelVersion")
+    async def handler(**_: Any) -> None:
+        raise exc
+
+    patch = kopf.Patch()
+    with pytest.raises((kopf.TemporaryError, kopf.PermanentError)) as info:
+        await handler(body=BODY, patch=patch, retry=1)
+    patch["raised"] = type(info.value).__name__
+    return patch
+
+
+@pytest.mark.parametrize("status", [404, 409, 429, 500, 503])
+async def test_retryable_api_errors_become_temporary(status: int) -> None:
+    patch = await _call(ApiError(status, "X", "y") if status != 404 else NotFound(404, "", ""))
+    assert patch["raised"] == "TemporaryError"
+    assert "conditions" not in patch.status
+
+
+async def test_forbidden_is_permanent() -> None:
+    patch = await _call(ApiError(403, "Forbidden", "no"))
+    assert patch["raised"] == "PermanentError"
+
+
+async def test_invalid_spec_marks_ready_false_with_field(
+        posted: list[tuple[str, str, str]]) -> None:
+    patch = await _call(InvalidSpec("spec.model.modelVersion.namespace", "refused"))
+    assert posted == [("Warning", "InvalidSpec", "spec.model.modelVersion.namespace: refused")]
+    assert patch["raised"] == "PermanentError"
+    ready = patch.status["conditions"][0]
+    assert ready["type"] == "Ready" and ready["status"] == "False"
+    assert "spec.model.modelVersion.namespace" in ready["message"]
+    assert patch.status["observedGeneration"] == 4
+
+
+async def test_model_validation_error_names_the_field() -> None:
+    bad = {**BODY, "spec": {**BODY["spec"], "version": "one"}}  # type: ignore[dict-item]
+
+    @reconciler("ModelVersion")
+    async def handler(body: Any, **_: Any) -> None:
+        parse(ModelVersion, body)
+
+    patch = kopf.Patch()
+    with pytest.raises(kopf.PermanentError, match=r"spec\.version"):
+        await handler(body=bad, patch=patch, retry=0)
+    assert patch.status["conditions"][0]["reason"] == "InvalidSpec"
