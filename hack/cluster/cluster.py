@@ -15,6 +15,7 @@ pytest fixture imports this file directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -29,9 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("KUBELOOP_CACHE",
-                            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                            / "kubeloop"))
+CACHE = Path(
+    os.environ.get(
+        "KUBELOOP_CACHE",
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubeloop",
+    )
+)
 K8S_VERSION = os.environ.get("K8S_VERSION", "v1.35.4")
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
@@ -61,8 +65,7 @@ def _free_port() -> int:
 
 
 def _run(*cmd: str, cwd: Path | None = None) -> None:
-    subprocess.run(cmd, check=True, cwd=cwd, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
+    subprocess.run(cmd, check=True, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def ensure_binaries() -> Path:
@@ -78,35 +81,107 @@ def _make_pki(pki: Path) -> None:
         return
     pki.mkdir(parents=True, exist_ok=True)
     ossl = "openssl"
-    _run(ossl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
-         "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=kubeloop-local-ca", cwd=pki)
+    _run(
+        ossl,
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "3650",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=kubeloop-local-ca",
+        cwd=pki,
+    )
     (pki / "san.cnf").write_text(
         "[ext]\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
-        "DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n")
+        "DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n"
+    )
     for name, subj, ext in (
         ("apiserver", "/CN=kube-apiserver", ["-extfile", "san.cnf", "-extensions", "ext"]),
         ("admin", "/O=system:masters/CN=kubeloop-admin", []),
     ):
-        _run(ossl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", "-subj", subj, cwd=pki)
-        _run(ossl, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "3650", "-out", f"{name}.crt", *ext, cwd=pki)
+        _run(
+            ossl,
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            subj,
+            cwd=pki,
+        )
+        _run(
+            ossl,
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-out",
+            f"{name}.crt",
+            *ext,
+            cwd=pki,
+        )
     _run(ossl, "genrsa", "-out", "sa.key", "2048", cwd=pki)
     _run(ossl, "rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
 
 def _write_kubeconfig(cluster: Cluster) -> None:
     pki = cluster.state_dir / "pki"
-    cluster.kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kubeloop-local",
-        "clusters": [{"name": "kubeloop-local", "cluster": {
-            "server": cluster.server, "certificate-authority": str(pki / "ca.crt")}}],
-        "users": [{"name": "admin", "user": {
-            "client-certificate": str(pki / "admin.crt"),
-            "client-key": str(pki / "admin.key")}}],
-        "contexts": [{"name": "kubeloop-local", "context": {
-            "cluster": "kubeloop-local", "user": "admin", "namespace": "default"}}],
-    }, indent=2))
+    cluster.kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kubeloop-local",
+                "clusters": [
+                    {
+                        "name": "kubeloop-local",
+                        "cluster": {
+                            "server": cluster.server,
+                            "certificate-authority": str(pki / "ca.crt"),
+                        },
+                    }
+                ],
+                "users": [
+                    {
+                        "name": "admin",
+                        "user": {
+                            "client-certificate": str(pki / "admin.crt"),
+                            "client-key": str(pki / "admin.key"),
+                        },
+                    }
+                ],
+                "contexts": [
+                    {
+                        "name": "kubeloop-local",
+                        "context": {
+                            "cluster": "kubeloop-local",
+                            "user": "admin",
+                            "namespace": "default",
+                        },
+                    }
+                ],
+            },
+            indent=2,
+        )
+    )
 
 
 def _pid_alive(pid_file: Path) -> bool:
@@ -122,8 +197,9 @@ def _start(cluster: Cluster, name: str, argv: list[str]) -> None:
     if _pid_alive(pid_file):
         return
     log = open(cluster.state_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     pid_file.write_text(str(proc.pid))
 
 
@@ -136,8 +212,9 @@ def _ssl_context(cluster: Cluster) -> ssl.SSLContext:
 
 def healthy(cluster: Cluster, path: str = "/readyz") -> bool:
     try:
-        with urllib.request.urlopen(cluster.server + path, context=_ssl_context(cluster),
-                                    timeout=2) as resp:
+        with urllib.request.urlopen(
+            cluster.server + path, context=_ssl_context(cluster), timeout=2
+        ) as resp:
             return bool(resp.status == 200)
     except (OSError, ssl.SSLError):
         return False
@@ -151,7 +228,9 @@ def _wait(what: str, check: object, timeout: float, cluster: Cluster) -> None:
         time.sleep(0.2)
     logs = "\n".join(
         f"--- {n}.log ---\n" + (cluster.state_dir / f"{n}.log").read_text()[-3000:]
-        for n in COMPONENTS if (cluster.state_dir / f"{n}.log").exists())
+        for n in COMPONENTS
+        if (cluster.state_dir / f"{n}.log").exists()
+    )
     raise RuntimeError(f"{what} not ready after {timeout:.0f}s\n{logs}")
 
 
@@ -160,8 +239,9 @@ def _ports(state_dir: Path) -> dict[str, int]:
     if path.exists():
         ports: dict[str, int] = json.loads(path.read_text())
         return ports
-    ports = {name: _free_port() for name in
-             ("api", "etcd", "etcd_peer", "kcm", "scheduler", "kwok")}
+    ports = {
+        name: _free_port() for name in ("api", "etcd", "etcd_peer", "kcm", "scheduler", "kwok")
+    }
     if os.environ.get("KUBELOOP_API_PORT"):
         ports["api"] = int(os.environ["KUBELOOP_API_PORT"])
     path.write_text(json.dumps(ports))
@@ -180,51 +260,91 @@ def up(state_dir: Path, *, with_kwok: bool = True, timeout: float = 120) -> Clus
 
     etcd_url = f"http://127.0.0.1:{ports['etcd']}"
     peer_url = f"http://127.0.0.1:{ports['etcd_peer']}"
-    _start(cluster, "etcd", [
-        str(bin_dir / "etcd"), "--name=kubeloop", f"--data-dir={state_dir / 'etcd'}",
-        f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-        f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-        f"--initial-cluster=kubeloop={peer_url}", "--log-level=warn",
-        # A throw-away development cluster: trade durability for speed.
-        "--unsafe-no-fsync=true", "--quota-backend-bytes=4294967296",
-    ])
-    _start(cluster, "kube-apiserver", [
-        str(bin_dir / "kube-apiserver"), f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-        f"--secure-port={ports['api']}",
-        f"--tls-cert-file={pki / 'apiserver.crt'}",
-        f"--tls-private-key-file={pki / 'apiserver.key'}",
-        f"--client-ca-file={pki / 'ca.crt'}",
-        f"--service-account-key-file={pki / 'sa.pub'}",
-        f"--service-account-signing-key-file={pki / 'sa.key'}",
-        "--service-account-issuer=https://kubernetes.default.svc",
-        "--authorization-mode=RBAC", "--service-cluster-ip-range=10.96.0.0/16",
-        "--endpoint-reconciler-type=none", "--profiling=false",
-        f"--cert-dir={pki}", "--v=0",
-    ])
+    _start(
+        cluster,
+        "etcd",
+        [
+            str(bin_dir / "etcd"),
+            "--name=kubeloop",
+            f"--data-dir={state_dir / 'etcd'}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=kubeloop={peer_url}",
+            "--log-level=warn",
+            # A throw-away development cluster: trade durability for speed.
+            "--unsafe-no-fsync=true",
+            "--quota-backend-bytes=4294967296",
+        ],
+    )
+    _start(
+        cluster,
+        "kube-apiserver",
+        [
+            str(bin_dir / "kube-apiserver"),
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={ports['api']}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+            f"--cert-dir={pki}",
+            "--v=0",
+        ],
+    )
     _wait("kube-apiserver", lambda: healthy(cluster), timeout, cluster)
 
-    common = [f"--kubeconfig={cluster.kubeconfig}", "--bind-address=127.0.0.1",
-              "--leader-elect=false", "--v=0"]
-    _start(cluster, "kube-controller-manager", [
-        str(bin_dir / "kube-controller-manager"), *common,
-        f"--secure-port={ports['kcm']}",
-        f"--service-account-private-key-file={pki / 'sa.key'}",
-        f"--root-ca-file={pki / 'ca.crt'}",
-        "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route",
-        "--concurrent-gc-syncs=20",
-    ])
-    _start(cluster, "kube-scheduler", [
-        str(bin_dir / "kube-scheduler"), *common, f"--secure-port={ports['scheduler']}",
-    ])
+    common = [
+        f"--kubeconfig={cluster.kubeconfig}",
+        "--bind-address=127.0.0.1",
+        "--leader-elect=false",
+        "--v=0",
+    ]
+    _start(
+        cluster,
+        "kube-controller-manager",
+        [
+            str(bin_dir / "kube-controller-manager"),
+            *common,
+            f"--secure-port={ports['kcm']}",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route",
+            "--concurrent-gc-syncs=20",
+        ],
+    )
+    _start(
+        cluster,
+        "kube-scheduler",
+        [
+            str(bin_dir / "kube-scheduler"),
+            *common,
+            f"--secure-port={ports['scheduler']}",
+        ],
+    )
     kwok = bin_dir / "kwok"
     if with_kwok and kwok.exists():
-        _start(cluster, "kwok", [
-            str(kwok), f"--kubeconfig={cluster.kubeconfig}", "--manage-all-nodes=false",
-            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom",
-            f"--server-address=127.0.0.1:{ports['kwok']}",
-        ])
+        _start(
+            cluster,
+            "kwok",
+            [
+                str(kwok),
+                f"--kubeconfig={cluster.kubeconfig}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom",
+                f"--server-address=127.0.0.1:{ports['kwok']}",
+            ],
+        )
         ensure_fake_gpu_node(cluster)
     return cluster
 
@@ -235,10 +355,14 @@ GPU_NODE = {
     "metadata": {
         "name": "kwok-gpu-0",
         "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-        "labels": {"kubernetes.io/hostname": "kwok-gpu-0", "kubernetes.io/os": "linux",
-                   "kubernetes.io/arch": "amd64", "type": "kwok",
-                   "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
-                   "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+        "labels": {
+            "kubernetes.io/hostname": "kwok-gpu-0",
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            "type": "kwok",
+            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+            "cloud.google.com/gke-accelerator": "nvidia-h100-80gb",
+        },
     },
     "status": {
         "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "8"},
@@ -250,8 +374,11 @@ GPU_NODE = {
 def ensure_fake_gpu_node(cluster: Cluster) -> None:
     """A kwok-managed node with 8 nvidia.com/gpu, so the real scheduler binds GPU pods."""
     request = urllib.request.Request(
-        cluster.server + "/api/v1/nodes", data=json.dumps(GPU_NODE).encode(), method="POST",
-        headers={"Content-Type": "application/json"})
+        cluster.server + "/api/v1/nodes",
+        data=json.dumps(GPU_NODE).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         urllib.request.urlopen(request, context=_ssl_context(cluster), timeout=10).close()
     except urllib.error.HTTPError as exc:
@@ -269,6 +396,8 @@ def down(state_dir: Path, *, purge: bool = False) -> None:
         pid = int(pid_file.read_text())
         os.killpg(pid, signal.SIGKILL if purge else signal.SIGTERM)
         for _ in range(30):  # graceful for 3 s, then kill: this is a throw-away cluster
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:

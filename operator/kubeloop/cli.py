@@ -20,8 +20,10 @@ def _run_operator(args: argparse.Namespace) -> int:
 
     cfg = Settings()
     namespaces = args.namespace or cfg.namespaces
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     kopf.run(
         clusterwide=not namespaces,
         namespaces=namespaces,
@@ -59,30 +61,50 @@ def _version(_: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubeloop",
-        description="kubeloop: train, register, serve, canary and retrain ML models on "
-        "Kubernetes.")
+        description="kubeloop: train, register, serve, canary and retrain ML models on Kubernetes.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    op = sub.add_parser("operator", help="run the operator (kopf)",
-                        description="Run the kubeloop operator against the current "
-                        "kubeconfig or in-cluster service account. Settings come from "
-                        "KUBELOOP_* environment variables.")
-    op.add_argument("-n", "--namespace", action="append", default=[],
-                    help="namespace to watch (repeatable); default: the whole cluster")
-    op.add_argument("--liveness", default="http://0.0.0.0:8081/healthz",
-                    help="liveness endpoint URL (empty disables)")
+    op = sub.add_parser(
+        "operator",
+        help="run the operator (kopf)",
+        description="Run the kubeloop operator against the current "
+        "kubeconfig or in-cluster service account. Settings come from "
+        "KUBELOOP_* environment variables.",
+    )
+    op.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="namespace to watch (repeatable); default: the whole cluster",
+    )
+    op.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8081/healthz",
+        help="liveness endpoint URL (empty disables)",
+    )
     op.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     op.set_defaults(func=_run_operator)
 
-    crds = sub.add_parser("crds", help="print or write the CRDs generated from the models",
-                          description="Generate CustomResourceDefinitions from the pydantic "
-                          "models (the single source of the API).")
-    crds.add_argument("-o", "--output", type=Path, default=None,
-                      help="directory to write one file per CRD (default: stdout)")
+    crds = sub.add_parser(
+        "crds",
+        help="print or write the CRDs generated from the models",
+        description="Generate CustomResourceDefinitions from the pydantic "
+        "models (the single source of the API).",
+    )
+    crds.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="directory to write one file per CRD (default: stdout)",
+    )
     crds.set_defaults(func=_write_crds)
 
-    ver = sub.add_parser("version", help="print the version",
-                         description="Print kubeloop's version.")
+    ver = sub.add_parser(
+        "version", help="print the version", description="Print kubeloop's version."
+    )
     ver.set_defaults(func=_version)
     return parser
 

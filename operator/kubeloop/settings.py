@@ -17,29 +17,41 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KUBELOOP_", env_nested_delimiter="__")
 
     namespaces: list[str] = Field(
-        default_factory=list, description="Namespaces to watch; empty watches the cluster.")
+        default_factory=list, description="Namespaces to watch; empty watches the cluster."
+    )
     executor: Literal["local", "kfp"] = Field(
-        default="local", description="Default TrainingRun executor.")
+        default="local", description="Default TrainingRun executor."
+    )
     serving_backend: Literal["local", "kserve"] = Field(
-        default="local", description="Default ModelDeployment backend.")
+        default="local", description="Default ModelDeployment backend."
+    )
     artifact_root: Path = Field(
         default_factory=lambda: Path("/tmp/kubeloop/artifacts"),
-        description="Root of file:// artifacts; each tenant owns <root>/<namespace>/.")
+        description="Root of file:// artifacts; each tenant owns <root>/<namespace>/.",
+    )
     object_store_prefix: str = Field(
-        default="", description="If set (s3://bucket/prefix/), s3:// and gs:// artifacts must "
-        "lie under <prefix><namespace>/.")
+        default="",
+        description="If set (s3://bucket/prefix/), s3:// and gs:// artifacts must "
+        "lie under <prefix><namespace>/.",
+    )
     verify_local_artifacts: bool = Field(
-        default=True, description="Check that file:// artifacts exist and match their digest "
-        "(the operator must see the same filesystem, as in local mode).")
-    state_dir: Path = Field(default_factory=lambda: _cache() / "state",
-                            description="Local executor and server state.")
+        default=True,
+        description="Check that file:// artifacts exist and match their digest "
+        "(the operator must see the same filesystem, as in local mode).",
+    )
+    state_dir: Path = Field(
+        default_factory=lambda: _cache() / "state", description="Local executor and server state."
+    )
     field_manager: str = Field(default="kubeloop", description="Server-side apply manager.")
-    metrics_port: int = Field(default=8080, ge=0, le=65535,
-                              description="Port of the operator's own /metrics; 0 disables.")
-    watch_server_timeout: int = Field(default=300, ge=1,
-                                      description="Server-side watch timeout (seconds).")
-    watch_client_timeout: int = Field(default=330, ge=1,
-                                      description="Client-side watch timeout (seconds).")
+    metrics_port: int = Field(
+        default=8080, ge=0, le=65535, description="Port of the operator's own /metrics; 0 disables."
+    )
+    watch_server_timeout: int = Field(
+        default=300, ge=1, description="Server-side watch timeout (seconds)."
+    )
+    watch_client_timeout: int = Field(
+        default=330, ge=1, description="Client-side watch timeout (seconds)."
+    )
     backoff_base: float = Field(default=2.0, gt=0, description="First retry delay (seconds).")
     backoff_max: float = Field(default=120.0, gt=0, description="Longest retry delay (seconds).")
     standalone: bool = Field(default=True, description="No kopf peering (single replica).")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hack.cluster import cluster as cluster_mod
 from kopf.testing import KopfRunner
 
 from kubeloop.backends.kube import NAMESPACES, KubeClient, NotFound, connection_info
@@ -29,29 +29,25 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.integration
 
 
-def _load_cluster_module() -> Any:
-    spec = importlib.util.spec_from_file_location("kubeloop_cluster",
-                                                  ROOT / "hack" / "cluster" / "cluster.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kubeloop_cluster"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cluster_mod = _load_cluster_module()
-
-
 @dataclass(frozen=True)
-class TestCluster:
+class LocalCluster:
     kubeconfig: Path
     bin_dir: Path
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True
-                ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
             [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input, capture_output=True, text=True, check=check, timeout=60)
+            input=input,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        if check and result.returncode:
+            raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
+        return result
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -61,12 +57,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[TestCluster]:
+def cluster() -> Iterator[LocalCluster]:
     existing = os.environ.get("KUBELOOP_TEST_KUBECONFIG")
     bin_dir = cluster_mod.ensure_binaries()
     if existing:
         os.environ["KUBECONFIG"] = existing
-        yield TestCluster(Path(existing), bin_dir)
+        yield LocalCluster(Path(existing), bin_dir)
         return
     state = cluster_mod.CACHE / "cluster-test"
     cluster_mod.down(state, purge=True)  # a fresh etcd every session
@@ -75,20 +71,20 @@ def cluster() -> Iterator[TestCluster]:
     print(f"\nlocal control plane ready in {time.monotonic() - started:.1f}s at {local.server}")
     os.environ["KUBECONFIG"] = str(local.kubeconfig)
     try:
-        yield TestCluster(local.kubeconfig, bin_dir)
+        yield LocalCluster(local.kubeconfig, bin_dir)
     finally:
         cluster_mod.down(state, purge=True)
 
 
 @pytest.fixture(scope="session")
-def crds(cluster: TestCluster) -> TestCluster:
+def crds(cluster: LocalCluster) -> LocalCluster:
     cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
     return cluster
 
 
 @pytest.fixture
-async def kube(crds: TestCluster) -> AsyncIterator[KubeClient]:
+async def kube(crds: LocalCluster) -> AsyncIterator[KubeClient]:
     async with KubeClient(connection_info(), field_manager="kubeloop-tests") as client:
         yield client
 
@@ -96,8 +92,9 @@ async def kube(crds: TestCluster) -> AsyncIterator[KubeClient]:
 @pytest.fixture
 async def namespace(kube: KubeClient) -> AsyncIterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
-    await kube.create(NAMESPACES, None, {"apiVersion": "v1", "kind": "Namespace",
-                                         "metadata": {"name": name}})
+    await kube.create(
+        NAMESPACES, None, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    )
     yield name
     with contextlib.suppress(NotFound):
         await kube.delete(NAMESPACES, None, name)
@@ -123,24 +120,36 @@ def operator(namespace: str, artifact_root: Path) -> Iterator[KopfRunner]:
 
 def operator_process(namespace: str, artifact_root: Path, log: Path) -> subprocess.Popen[bytes]:
     """The operator as its own process (so a test can SIGKILL it)."""
-    env = {**os.environ, "KUBELOOP_ARTIFACT_ROOT": str(artifact_root),
-           "KUBELOOP_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "KUBELOOP_ARTIFACT_ROOT": str(artifact_root),
+        "KUBELOOP_METRICS_PORT": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "kubeloop", "operator", "-n", namespace, "--liveness="],
-        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 30,
-                     interval: float = 0.2, what: str = "condition") -> Any:
+async def eventually(
+    check: Callable[[], Awaitable[Any]],
+    *,
+    within: float = 30,
+    interval: float = 0.2,
+    what: str = "condition",
+) -> Any:
     """Poll ``check`` until it returns a truthy value; fail with the last value."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     last: Any = None
     while time.monotonic() < deadline:
         last = await check()
         if last:
             return last
         await asyncio.sleep(interval)
-    raise AssertionError(f"{what} not reached in {timeout}s; last: {json.dumps(last)[:2000]}")
+    raise AssertionError(f"{what} not reached in {within}s; last: {json.dumps(last)[:2000]}")
 
 
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:

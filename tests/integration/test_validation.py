@@ -18,28 +18,48 @@ from kubeloop.backends.kube import (
 )
 from tests.conftest import load_examples
 
-KINDS = {"ModelVersion": MODEL_VERSIONS, "TrainingRun": TRAINING_RUNS,
-         "ModelDeployment": MODEL_DEPLOYMENTS, "DriftPolicy": DRIFT_POLICIES}
+KINDS = {
+    "ModelVersion": MODEL_VERSIONS,
+    "TrainingRun": TRAINING_RUNS,
+    "ModelDeployment": MODEL_DEPLOYMENTS,
+    "DriftPolicy": DRIFT_POLICIES,
+}
 
-MV: dict[str, Any] = {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "ModelVersion",
-                      "metadata": {"name": "m-v1"},
-                      "spec": {"modelName": "m", "version": 1,
-                               "artifact": {"uri": "s3://bucket/models/m/1"}}}
-TR: dict[str, Any] = {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "TrainingRun",
-                      "metadata": {"name": "tr"},
-                      "spec": {"data": {"uri": "builtin://breast-cancer", "target": "target"},
-                               "registration": {"modelName": "bc"},
-                               "tuning": {"maxTrials": 4, "parallelTrials": 2, "searchSpace": [
-                                   {"name": "learningRate", "type": "float", "min": 0.001,
-                                    "max": 0.1}]}}}
-MD: dict[str, Any] = {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "ModelDeployment",
-                      "metadata": {"name": "md"},
-                      "spec": {"model": {"modelVersion": {"name": "m-v1"}}}}
-DP: dict[str, Any] = {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "DriftPolicy",
-                      "metadata": {"name": "dp"},
-                      "spec": {"target": {"name": "md"},
-                               "signals": [{"name": "psi", "type": "psi", "feature": "*",
-                                            "threshold": 0.2}]}}
+MV: dict[str, Any] = {
+    "apiVersion": "kubeloop.dev/v1alpha1",
+    "kind": "ModelVersion",
+    "metadata": {"name": "m-v1"},
+    "spec": {"modelName": "m", "version": 1, "artifact": {"uri": "s3://bucket/models/m/1"}},
+}
+TR: dict[str, Any] = {
+    "apiVersion": "kubeloop.dev/v1alpha1",
+    "kind": "TrainingRun",
+    "metadata": {"name": "tr"},
+    "spec": {
+        "data": {"uri": "builtin://breast-cancer", "target": "target"},
+        "registration": {"modelName": "bc"},
+        "tuning": {
+            "maxTrials": 4,
+            "parallelTrials": 2,
+            "searchSpace": [{"name": "learningRate", "type": "float", "min": 0.001, "max": 0.1}],
+        },
+    },
+}
+MD: dict[str, Any] = {
+    "apiVersion": "kubeloop.dev/v1alpha1",
+    "kind": "ModelDeployment",
+    "metadata": {"name": "md"},
+    "spec": {"model": {"modelVersion": {"name": "m-v1"}}},
+}
+DP: dict[str, Any] = {
+    "apiVersion": "kubeloop.dev/v1alpha1",
+    "kind": "DriftPolicy",
+    "metadata": {"name": "dp"},
+    "spec": {
+        "target": {"name": "md"},
+        "signals": [{"name": "psi", "type": "psi", "feature": "*", "threshold": 0.2}],
+    },
+}
 
 
 def with_(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
@@ -62,79 +82,158 @@ DELETE = object()
 BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("mv-negative-version", with_(MV, "spec.version", -1), ("spec.version", "greater than")),
     ("mv-missing-artifact", with_(MV, "spec.artifact", DELETE), ("spec.artifact", "Required")),
-    ("mv-http-artifact", with_(MV, "spec.artifact.uri", "http://example.com/m"),
-     ("spec.artifact.uri", "should match")),
-    ("mv-unknown-alias", with_(MV, "spec.aliases", ["prod"]),
-     ("spec.aliases[0]", "Unsupported value")),
-    ("mv-repeated-alias", with_(MV, "spec.aliases", ["latest", "latest"]),
-     ("spec.aliases", "must not repeat")),
-    ("mv-bad-metric-name", with_(MV, "spec.metrics", {"F1 score": 0.9}),
-     ("spec.metrics", "keys must match")),
+    (
+        "mv-http-artifact",
+        with_(MV, "spec.artifact.uri", "http://example.com/m"),
+        ("spec.artifact.uri", "should match"),
+    ),
+    (
+        "mv-unknown-alias",
+        with_(MV, "spec.aliases", ["prod"]),
+        ("spec.aliases[0]", "Unsupported value"),
+    ),
+    (
+        "mv-repeated-alias",
+        with_(MV, "spec.aliases", ["latest", "latest"]),
+        ("spec.aliases", "must not repeat"),
+    ),
+    (
+        "mv-bad-metric-name",
+        with_(MV, "spec.metrics", {"F1 score": 0.9}),
+        ("spec.metrics", "keys must match"),
+    ),
     ("mv-300-char-name", with_(MV, "metadata.name", "m" * 300), ("metadata.name",)),
-    ("mv-64-char-name", with_(MV, "metadata.name", "m" * 64),
-     ("metadata.name must be at most 63 characters",)),
-    ("mv-long-description", with_(MV, "spec.description", "x" * 5000),
-     ("spec.description", "Too long")),
-    ("mv-wrong-type", with_(MV, "spec.version", "one"),
-     ("spec.version", 'must be of type integer')),
-    ("tr-negative-gpu", with_(TR, "spec.resources", {"gpu": -1}),
-     ("spec.resources.gpu", "greater than or equal to 0")),
-    ("tr-too-many-gpus", with_(TR, "spec.resources", {"gpu": 64}),
-     ("spec.resources.gpu", "less than or equal to 16")),
-    ("tr-unknown-family", with_(TR, "spec.model", {"family": "svm"}),
-     ("spec.model.family", "Unsupported value")),
-    ("tr-missing-target", with_(TR, "spec.data.target", DELETE),
-     ("spec.data.target", "Required")),
-    ("tr-bad-data-uri", with_(TR, "spec.data.uri", "ftp://host/data.csv"),
-     ("spec.data.uri", "should match")),
-    ("tr-parallel-over-max", with_(TR, "spec.tuning.parallelTrials", 8),
-     ("spec.tuning.parallelTrials", "maxTrials must be >= parallelTrials")),
-    ("tr-empty-search-space", with_(TR, "spec.tuning.searchSpace", []),
-     ("spec.tuning.searchSpace", "should have at least 1 items")),
-    ("tr-unknown-gate-metric", with_(TR, "spec.evaluation", {"gates": [
-        {"metric": "f2", "value": 0.9}]}), ("spec.evaluation.gates[0].metric",
-                                           "Unsupported value")),
-    ("tr-grid-without-step", with_(TR, "spec.tuning.algorithm", "grid"),
-     ("spec.tuning.searchSpace", "grid search needs a step")),
-    ("tr-categorical-without-values", with_(TR, "spec.tuning.searchSpace", [
-        {"name": "optimizer", "type": "categorical"}]),
-     ("spec.tuning.searchSpace[0]", "a categorical parameter needs values")),
-    ("md-steps-not-increasing", with_(MD, "spec.rollout", {"steps": [50, 25, 100]}),
-     ("spec.rollout.steps", "strictly increasing")),
-    ("md-steps-not-ending-at-100", with_(MD, "spec.rollout", {"steps": [10, 50]}),
-     ("spec.rollout.steps", "must end at 100")),
-    ("md-step-over-100", with_(MD, "spec.rollout", {"steps": [10, 150]}),
-     ("spec.rollout.steps[1]", "less than or equal to 100")),
-    ("md-two-model-sources", with_(MD, "spec.model.alias", {"modelName": "m"}),
-     ("spec.model", "exactly one of modelVersion, alias or trainingRun")),
-    ("md-cross-namespace-ref", with_(MD, "spec.model.modelVersion.namespace", "other"),
-     ("spec.model.modelVersion.namespace", "cross-namespace references are refused")),
-    ("md-min-over-max-replicas", with_(MD, "spec.serving", {"minReplicas": 3,
-                                                            "maxReplicas": 2}),
-     ("spec.serving.minReplicas", "minReplicas must be <= maxReplicas")),
-    ("md-bad-interval", with_(MD, "spec.rollout", {"interval": "1 minute"}),
-     ("spec.rollout.interval", "should match")),
-    ("dp-cross-namespace-target", with_(DP, "spec.target.namespace", "other"),
-     ("spec.target.namespace", "cross-namespace references are refused")),
-    ("dp-too-many-signals", with_(DP, "spec.signals", [
-        {"name": f"s{i}", "type": "prediction", "threshold": 0.1} for i in range(33)]),
-     ("spec.signals", "must have at most 32 items")),
-    ("dp-promql-without-query", with_(DP, "spec.signals", [
-        {"name": "q", "type": "promql", "threshold": 1}]),
-     ("spec.signals[0].query", "a promql signal needs query")),
+    (
+        "mv-64-char-name",
+        with_(MV, "metadata.name", "m" * 64),
+        ("metadata.name", "Too long"),
+    ),
+    (
+        "mv-long-description",
+        with_(MV, "spec.description", "x" * 5000),
+        ("spec.description", "Too long"),
+    ),
+    (
+        "mv-wrong-type",
+        with_(MV, "spec.version", "one"),
+        ("spec.version", "must be of type integer"),
+    ),
+    (
+        "tr-negative-gpu",
+        with_(TR, "spec.resources", {"gpu": -1}),
+        ("spec.resources.gpu", "greater than or equal to 0"),
+    ),
+    (
+        "tr-too-many-gpus",
+        with_(TR, "spec.resources", {"gpu": 64}),
+        ("spec.resources.gpu", "less than or equal to 16"),
+    ),
+    (
+        "tr-unknown-family",
+        with_(TR, "spec.model", {"family": "svm"}),
+        ("spec.model.family", "Unsupported value"),
+    ),
+    ("tr-missing-target", with_(TR, "spec.data.target", DELETE), ("spec.data.target", "Required")),
+    (
+        "tr-bad-data-uri",
+        with_(TR, "spec.data.uri", "ftp://host/data.csv"),
+        ("spec.data.uri", "should match"),
+    ),
+    (
+        "tr-parallel-over-max",
+        with_(TR, "spec.tuning.parallelTrials", 8),
+        ("spec.tuning.parallelTrials", "maxTrials must be >= parallelTrials"),
+    ),
+    (
+        "tr-empty-search-space",
+        with_(TR, "spec.tuning.searchSpace", []),
+        ("spec.tuning.searchSpace", "should have at least 1 items"),
+    ),
+    (
+        "tr-unknown-gate-metric",
+        with_(TR, "spec.evaluation", {"gates": [{"metric": "f2", "value": 0.9}]}),
+        ("spec.evaluation.gates[0].metric", "Unsupported value"),
+    ),
+    (
+        "tr-grid-without-step",
+        with_(TR, "spec.tuning.algorithm", "grid"),
+        ("spec.tuning.searchSpace", "grid search needs a step"),
+    ),
+    (
+        "tr-categorical-without-values",
+        with_(TR, "spec.tuning.searchSpace", [{"name": "optimizer", "type": "categorical"}]),
+        ("spec.tuning.searchSpace[0]", "a categorical parameter needs values"),
+    ),
+    (
+        "md-steps-not-increasing",
+        with_(MD, "spec.rollout", {"steps": [50, 25, 100]}),
+        ("spec.rollout.steps", "strictly increasing"),
+    ),
+    (
+        "md-steps-not-ending-at-100",
+        with_(MD, "spec.rollout", {"steps": [10, 50]}),
+        ("spec.rollout.steps", "must end at 100"),
+    ),
+    (
+        "md-step-over-100",
+        with_(MD, "spec.rollout", {"steps": [10, 150]}),
+        ("spec.rollout.steps[1]", "less than or equal to 100"),
+    ),
+    (
+        "md-two-model-sources",
+        with_(MD, "spec.model.alias", {"modelName": "m"}),
+        ("spec.model", "exactly one of modelVersion, alias or trainingRun"),
+    ),
+    (
+        "md-cross-namespace-ref",
+        with_(MD, "spec.model.modelVersion.namespace", "other"),
+        ("spec.model.modelVersion.namespace", "cross-namespace references are refused"),
+    ),
+    (
+        "md-min-over-max-replicas",
+        with_(MD, "spec.serving", {"minReplicas": 3, "maxReplicas": 2}),
+        ("spec.serving.minReplicas", "minReplicas must be <= maxReplicas"),
+    ),
+    (
+        "md-bad-interval",
+        with_(MD, "spec.rollout", {"interval": "1 minute"}),
+        ("spec.rollout.interval", "should match"),
+    ),
+    (
+        "dp-cross-namespace-target",
+        with_(DP, "spec.target.namespace", "other"),
+        ("spec.target.namespace", "cross-namespace references are refused"),
+    ),
+    (
+        "dp-too-many-signals",
+        with_(
+            DP,
+            "spec.signals",
+            [{"name": f"s{i}", "type": "prediction", "threshold": 0.1} for i in range(33)],
+        ),
+        ("spec.signals", "must have at most 32 items"),
+    ),
+    (
+        "dp-promql-without-query",
+        with_(DP, "spec.signals", [{"name": "q", "type": "promql", "threshold": 1}]),
+        ("spec.signals[0].query", "a promql signal needs query"),
+    ),
     ("dp-unknown-field", with_(DP, "spec.retrain", True), ('unknown field "spec.retrain"',)),
 ]
 
 
-@pytest.mark.parametrize(("obj", "expected"), [(o, e) for _, o, e in BAD],
-                         ids=[i for i, _, _ in BAD])
+@pytest.mark.parametrize(
+    ("obj", "expected"), [(o, e) for _, o, e in BAD], ids=[i for i, _, _ in BAD]
+)
 async def test_bad_resource_is_rejected_by_the_api_server(
-        kube: KubeClient, namespace: str, obj: dict[str, Any], expected: tuple[str, ...]) -> None:
+    kube: KubeClient, namespace: str, obj: dict[str, Any], expected: tuple[str, ...]
+) -> None:
     kind: Kind = KINDS[obj["kind"]]
     with pytest.raises(ApiError) as info:
         # Strict field validation, as kubectl does by default.
-        await kube.request("POST", kind.path(namespace), body=obj,
-                           params={"fieldValidation": "Strict"})
+        await kube.request(
+            "POST", kind.path(namespace), body=obj, params={"fieldValidation": "Strict"}
+        )
     # 422 for schema/CEL failures, 400 for strict decoding of unknown fields.
     assert info.value.status in (400, 422), info.value
     for text in expected:
@@ -144,8 +243,12 @@ async def test_bad_resource_is_rejected_by_the_api_server(
 async def test_examples_are_accepted(kube: KubeClient, namespace: str) -> None:
     created = []
     for doc in load_examples():
-        out = await kube.request("POST", KINDS[doc["kind"]].path(namespace), body=doc,
-                                 params={"fieldValidation": "Strict"})
+        out = await kube.request(
+            "POST",
+            KINDS[doc["kind"]].path(namespace),
+            body=doc,
+            params={"fieldValidation": "Strict"},
+        )
         created.append(out["metadata"]["name"])
     assert len(created) == len(load_examples()) >= 5
 
@@ -153,8 +256,12 @@ async def test_examples_are_accepted(kube: KubeClient, namespace: str) -> None:
 async def test_model_version_core_fields_are_immutable(kube: KubeClient, namespace: str) -> None:
     await kube.create(MODEL_VERSIONS, namespace, MV)
     with pytest.raises(ApiError) as info:
-        await kube.patch(MODEL_VERSIONS, namespace, "m-v1",
-                         {"spec": {"artifact": {"uri": "s3://bucket/models/m/2"}}})
+        await kube.patch(
+            MODEL_VERSIONS,
+            namespace,
+            "m-v1",
+            {"spec": {"artifact": {"uri": "s3://bucket/models/m/2"}}},
+        )
     assert info.value.status == 422
     assert "modelName, version, artifact, task and framework are immutable" in info.value.message
     # Aliases stay mutable.

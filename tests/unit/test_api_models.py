@@ -18,10 +18,17 @@ def test_every_example_parses(doc: dict[str, object]) -> None:
 
 
 def _mv(**spec: object) -> dict[str, object]:
-    base: dict[str, object] = {"modelName": "m", "version": 1,
-                               "artifact": {"uri": "s3://bucket/m/1"}}
-    return {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "ModelVersion",
-            "metadata": {"name": "m-v1", "namespace": "ns"}, "spec": {**base, **spec}}
+    base: dict[str, object] = {
+        "modelName": "m",
+        "version": 1,
+        "artifact": {"uri": "s3://bucket/m/1"},
+    }
+    return {
+        "apiVersion": "kubeloop.dev/v1alpha1",
+        "kind": "ModelVersion",
+        "metadata": {"name": "m-v1", "namespace": "ns"},
+        "spec": {**base, **spec},
+    }
 
 
 def test_camel_case_aliases_round_trip() -> None:
@@ -33,9 +40,12 @@ def test_camel_case_aliases_round_trip() -> None:
 
 
 def test_cross_namespace_reference_is_refused_by_the_model() -> None:
-    doc = {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "ModelDeployment",
-           "metadata": {"name": "d", "namespace": "a"},
-           "spec": {"model": {"modelVersion": {"name": "x", "namespace": "b"}}}}
+    doc = {
+        "apiVersion": "kubeloop.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "d", "namespace": "a"},
+        "spec": {"model": {"modelVersion": {"name": "x", "namespace": "b"}}},
+    }
     with pytest.raises(pydantic.ValidationError, match="cross-namespace references are refused"):
         ModelDeployment.model_validate(doc)
 
@@ -46,17 +56,26 @@ def test_unknown_spec_field_is_rejected() -> None:
 
 
 def test_negative_gpu_is_rejected() -> None:
-    doc = {"metadata": {"name": "t"},
-           "spec": {"data": {"uri": "builtin://digits", "target": "y"},
-                    "registration": {"modelName": "t"}, "resources": {"gpu": -1}}}
-    with pytest.raises(pydantic.ValidationError, match="resources.gpu"):
+    doc = {
+        "metadata": {"name": "t"},
+        "spec": {
+            "data": {"uri": "builtin://digits", "target": "y"},
+            "registration": {"modelName": "t"},
+            "resources": {"gpu": -1},
+        },
+    }
+    with pytest.raises(pydantic.ValidationError, match=r"resources\.gpu"):
         TrainingRun.model_validate(doc)
 
 
 def test_defaults_are_filled() -> None:
-    doc = {"metadata": {"name": "t"},
-           "spec": {"data": {"uri": "builtin://digits", "target": "y"},
-                    "registration": {"modelName": "t"}}}
+    doc = {
+        "metadata": {"name": "t"},
+        "spec": {
+            "data": {"uri": "builtin://digits", "target": "y"},
+            "registration": {"modelName": "t"},
+        },
+    }
     run = TrainingRun.model_validate(doc)
     assert run.spec.model.family == "mlp"
     assert run.spec.data.split.seed == 42

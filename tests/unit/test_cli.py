@@ -10,8 +10,12 @@ from kubeloop.cli import build_parser
 
 @pytest.mark.parametrize("command", [[], ["operator"], ["crds"], ["version"]])
 def test_every_subcommand_has_help(command: list[str]) -> None:
-    out = subprocess.run([sys.executable, "-m", "kubeloop", *command, "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "kubeloop", *command, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "usage: kubeloop" in out
 
 

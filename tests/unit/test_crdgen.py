@@ -32,8 +32,16 @@ def schema(request: pytest.FixtureRequest) -> Node:
 
 def test_schema_is_structural(schema: Node) -> None:
     for path, node in _walk(schema):
-        for forbidden in ("$ref", "anyOf", "allOf", "oneOf", "title", "patternProperties",
-                          "propertyNames", "$defs"):
+        for forbidden in (
+            "$ref",
+            "anyOf",
+            "allOf",
+            "oneOf",
+            "title",
+            "patternProperties",
+            "propertyNames",
+            "$defs",
+        ):
             assert forbidden not in node, f"{path} has {forbidden}"
         if path != ".metadata":
             assert "type" in node, f"{path} has no type"
@@ -62,15 +70,24 @@ def test_status_has_observed_generation_and_conditions(schema: Node) -> None:
     status = schema["properties"]["status"]["properties"]
     assert status["observedGeneration"]["type"] == "integer"
     condition = status["conditions"]["items"]["properties"]
-    assert set(condition) >= {"type", "status", "reason", "message", "lastTransitionTime",
-                              "observedGeneration"}
+    assert set(condition) >= {
+        "type",
+        "status",
+        "reason",
+        "message",
+        "lastTransitionTime",
+        "observedGeneration",
+    }
 
 
 def test_names_columns_and_category() -> None:
     crds = {c["spec"]["names"]["kind"]: c for c in all_crds().values()}
     assert {k: c["spec"]["names"]["shortNames"] for k, c in crds.items()} == {
-        "TrainingRun": ["tr"], "ModelVersion": ["mv"], "ModelDeployment": ["md"],
-        "DriftPolicy": ["dp"]}
+        "TrainingRun": ["tr"],
+        "ModelVersion": ["mv"],
+        "ModelDeployment": ["md"],
+        "DriftPolicy": ["dp"],
+    }
     for crd in crds.values():
         assert crd["spec"]["names"]["categories"] == ["kubeloop"]
         version = crd["spec"]["versions"][0]
@@ -78,8 +95,10 @@ def test_names_columns_and_category() -> None:
         names = [c["name"] for c in version["additionalPrinterColumns"]]
         assert "Ready" in names
         assert names[-1] == "Age"
-    md_columns = [c["name"] for c in
-                  crds["ModelDeployment"]["spec"]["versions"][0]["additionalPrinterColumns"]]
+    md_columns = [
+        c["name"]
+        for c in crds["ModelDeployment"]["spec"]["versions"][0]["additionalPrinterColumns"]
+    ]
     assert md_columns[:4] == ["Stable", "Canary", "Weight", "Phase"]
 
 

@@ -7,10 +7,10 @@ from typing import Any
 import kopf
 import pytest
 
+from kubeloop.api.model_version import ModelVersion
 from kubeloop.backends.kube import ApiError, NotFound
 from kubeloop.handlers import events
 from kubeloop.handlers.errors import InvalidSpec, backoff, parse, reconciler
-from kubeloop.api.model_version import ModelVersion
 from kubeloop.planning.naming import child_name
 
 
@@ -35,9 +35,12 @@ def posted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
     return seen
 
 
-BODY = {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "ModelVersion",
-        "metadata": {"name": "m-v1", "namespace": "ns", "generation": 4},
-        "spec": {"modelName": "m", "version": 1, "artifact": {"uri": "s3://b/k"}}}
+BODY = {
+    "apiVersion": "kubeloop.dev/v1alpha1",
+    "kind": "ModelVersion",
+    "metadata": {"name": "m-v1", "namespace": "ns", "generation": 4},
+    "spec": {"modelName": "m", "version": 1, "artifact": {"uri": "s3://b/k"}},
+}
 
 
 async def _call(exc: Exception) -> kopf.Patch:
@@ -65,12 +68,14 @@ async def test_forbidden_is_permanent() -> None:
 
 
 async def test_invalid_spec_marks_ready_false_with_field(
-        posted: list[tuple[str, str, str]]) -> None:
+    posted: list[tuple[str, str, str]],
+) -> None:
     patch = await _call(InvalidSpec("spec.model.modelVersion.namespace", "refused"))
     assert posted == [("Warning", "InvalidSpec", "spec.model.modelVersion.namespace: refused")]
     assert patch["raised"] == "PermanentError"
     ready = patch.status["conditions"][0]
-    assert ready["type"] == "Ready" and ready["status"] == "False"
+    assert ready["type"] == "Ready"
+    assert ready["status"] == "False"
     assert "spec.model.modelVersion.namespace" in ready["message"]
     assert patch.status["observedGeneration"] == 4
 

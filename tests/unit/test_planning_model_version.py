@@ -14,88 +14,158 @@ from kubeloop.planning.conditions import find
 NOW = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 
 
-def mv(name: str, version: int, *, aliases: list[str] | None = None, created: str = "",
-       uri: str = "file:///art/ns/m", **status: Any) -> ModelVersion:
-    return ModelVersion.model_validate({
-        "metadata": {"name": name, "namespace": "ns", "generation": 1, "uid": f"uid-{name}",
-                     "creationTimestamp": created or f"2026-01-01T00:00:0{version}Z"},
-        "spec": {"modelName": "m", "version": version, "artifact": {"uri": uri},
-                 "aliases": aliases or [], "metrics": {"accuracy": 0.9, "f1": 0.8123}},
-        "status": status,
-    })
+def mv(
+    name: str,
+    version: int,
+    *,
+    aliases: list[str] | None = None,
+    created: str = "",
+    uri: str = "file:///art/ns/m",
+    **status: Any,
+) -> ModelVersion:
+    return ModelVersion.model_validate(
+        {
+            "metadata": {
+                "name": name,
+                "namespace": "ns",
+                "generation": 1,
+                "uid": f"uid-{name}",
+                "creationTimestamp": created or f"2026-01-01T00:00:0{version}Z",
+            },
+            "spec": {
+                "modelName": "m",
+                "version": version,
+                "artifact": {"uri": uri},
+                "aliases": aliases or [],
+                "metrics": {"accuracy": 0.9, "f1": 0.8123},
+            },
+            "status": status,
+        }
+    )
+
+
+def entry(version: ModelVersion, *, deleting: bool = False) -> plan.VersionEntry:
+    body = version.model_dump(by_alias=True)
+    if deleting:
+        body["metadata"]["deletionTimestamp"] = "2026-03-01T00:00:00Z"
+    return plan.VersionEntry.from_body(body)
 
 
 def test_policy_keeps_file_artifacts_under_the_tenant_prefix() -> None:
-    ok = plan.artifact_policy_problem("file:///art/ns/m/1", "ns", artifact_root="/art",
-                                      object_store_prefix="")
+    ok = plan.artifact_policy_problem(
+        "file:///art/ns/m/1", "ns", artifact_root="/art", object_store_prefix=""
+    )
     assert ok is None
-    other = plan.artifact_policy_problem("file:///art/other/m", "ns", artifact_root="/art",
-                                         object_store_prefix="")
-    assert other is not None and other.reason == reasons.ARTIFACT_OUTSIDE_TENANT
-    assert "spec.artifact.uri" in other.message and not other.retry
-    escape = plan.artifact_policy_problem("file:///art/ns/../other/m", "ns",
-                                          artifact_root="/art", object_store_prefix="")
+    other = plan.artifact_policy_problem(
+        "file:///art/other/m", "ns", artifact_root="/art", object_store_prefix=""
+    )
+    assert other is not None
+    assert other.reason == reasons.ARTIFACT_OUTSIDE_TENANT
+    assert "spec.artifact.uri" in other.message
+    assert not other.retry
+    escape = plan.artifact_policy_problem(
+        "file:///art/ns/../other/m", "ns", artifact_root="/art", object_store_prefix=""
+    )
     assert escape is not None
 
 
 def test_policy_checks_object_store_prefix_only_when_configured() -> None:
-    assert plan.artifact_policy_problem("s3://any/x", "ns", artifact_root="/a",
-                                        object_store_prefix="") is None
-    bad = plan.artifact_policy_problem("s3://models/other/x", "ns", artifact_root="/a",
-                                       object_store_prefix="s3://models/")
-    assert bad is not None and "s3://models/ns/" in bad.message
-    assert plan.artifact_policy_problem("s3://models/ns/x", "ns", artifact_root="/a",
-                                        object_store_prefix="s3://models/") is None
+    assert (
+        plan.artifact_policy_problem("s3://any/x", "ns", artifact_root="/a", object_store_prefix="")
+        is None
+    )
+    bad = plan.artifact_policy_problem(
+        "s3://models/other/x", "ns", artifact_root="/a", object_store_prefix="s3://models/"
+    )
+    assert bad is not None
+    assert "s3://models/ns/" in bad.message
+    assert (
+        plan.artifact_policy_problem(
+            "s3://models/ns/x", "ns", artifact_root="/a", object_store_prefix="s3://models/"
+        )
+        is None
+    )
 
 
 def test_alias_removals_take_claimed_aliases_from_every_other_holder() -> None:
     claimant = mv("m-v3", 3, aliases=["production"])
-    siblings = [mv("m-v1", 1, aliases=["production", "latest"]), mv("m-v2", 2),
-                claimant]
+    siblings = [
+        entry(mv("m-v1", 1, aliases=["production", "latest"])),
+        entry(mv("m-v2", 2)),
+        entry(claimant),
+    ]
     assert plan.alias_removals(claimant, siblings) == {"m-v1": ["production"]}
-
-
-def test_duplicate_version_keeps_the_older_object() -> None:
-    first = mv("a", 1, created="2026-01-01T00:00:00Z")
-    second = mv("b", 1, created="2026-01-02T00:00:00Z")
-    assert plan.duplicate_of(second, [first, second]) is first
-    assert plan.duplicate_of(first, [first, second]) is None
 
 
 def test_ready_plan_sets_conditions_aliases_and_events() -> None:
     version = mv("m-v1", 1, aliases=["production"])
     result = plan.plan_model_version(
-        version, policy=None, artifact=plan.ArtifactObservation(exists=True, sha256="x"),
-        duplicate=None, now=NOW)
+        version,
+        policy=None,
+        artifact=plan.ArtifactObservation(exists=True, sha256="x"),
+        now=NOW,
+    )
     assert result.problem is None
     assert result.status.phase == "Ready"
     assert result.status.aliases == ["production"]
     assert result.status.primary_metric == "f1=0.8123"
     ready = find(result.status.conditions, reasons.READY)
-    assert ready is not None and ready.status == "True" and ready.observed_generation == 1
+    assert ready is not None
+    assert ready.status == "True"
+    assert ready.observed_generation == 1
     assert [e[1] for e in result.events] == [reasons.REGISTERED, reasons.ALIAS_CLAIMED]
+
+
+def test_name_must_be_model_dash_v_version() -> None:
+    wrong = ModelVersion.model_validate(
+        {**mv("m-v1", 1).model_dump(by_alias=True), "metadata": {"name": "m-latest"}}
+    )
+    result = plan.plan_model_version(
+        wrong, policy=None, artifact=plan.ArtifactObservation(), now=NOW
+    )
+    assert result.problem is not None
+    assert result.problem.reason == reasons.INVALID_NAME
+    assert "'m-v1'" in result.problem.message
+    assert not result.problem.retry
 
 
 def test_missing_artifact_is_retryable_and_mismatch_is_not() -> None:
     missing = plan.plan_model_version(
-        mv("m-v1", 1), policy=None, artifact=plan.ArtifactObservation(exists=False),
-        duplicate=None, now=NOW)
-    assert missing.problem is not None and missing.problem.retry
+        mv("m-v1", 1),
+        policy=None,
+        artifact=plan.ArtifactObservation(exists=False),
+        now=NOW,
+    )
+    assert missing.problem is not None
+    assert missing.problem.retry
     assert missing.status.phase == "Pending"
-    mismatch_mv = ModelVersion.model_validate({
-        **mv("m-v1", 1).model_dump(by_alias=True),
-        "spec": {**mv("m-v1", 1).spec.model_dump(by_alias=True), "artifact": {
-            "uri": "file:///art/ns/m", "sha256": "a" * 64}}})
+    mismatch_mv = ModelVersion.model_validate(
+        {
+            **mv("m-v1", 1).model_dump(by_alias=True),
+            "spec": {
+                **mv("m-v1", 1).spec.model_dump(by_alias=True),
+                "artifact": {"uri": "file:///art/ns/m", "sha256": "a" * 64},
+            },
+        }
+    )
     bad = plan.plan_model_version(
-        mismatch_mv, policy=None, artifact=plan.ArtifactObservation(exists=True, sha256="b"),
-        duplicate=None, now=NOW)
-    assert bad.problem is not None and not bad.problem.retry
+        mismatch_mv,
+        policy=None,
+        artifact=plan.ArtifactObservation(exists=True, sha256="b"),
+        now=NOW,
+    )
+    assert bad.problem is not None
+    assert not bad.problem.retry
     assert bad.problem.reason == reasons.ARTIFACT_DIGEST_MISMATCH
     assert bad.status.phase == "Failed"
 
 
 def test_registry_index_lists_versions_owners_and_alias_holders() -> None:
-    versions = [mv("m-v2", 2, aliases=["candidate"]), mv("m-v1", 1, aliases=["production"])]
+    versions = [
+        entry(mv("m-v2", 2, aliases=["candidate"])),
+        entry(mv("m-v1", 1, aliases=["production"])),
+        entry(mv("m-v3", 3), deleting=True),
+    ]
     cm = plan.build_registry_index("m", "ns", versions)
     assert cm["metadata"]["name"] == "kubeloop-registry-m"
     assert [o["uid"] for o in cm["metadata"]["ownerReferences"]] == ["uid-m-v1", "uid-m-v2"]

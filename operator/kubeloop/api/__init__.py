@@ -8,5 +8,12 @@ from kubeloop.api.training_run import TrainingRun
 
 KINDS: tuple[type[Resource], ...] = (TrainingRun, ModelVersion, ModelDeployment, DriftPolicy)
 
-__all__ = ["KINDS", "Condition", "DriftPolicy", "ModelDeployment", "ModelVersion", "Resource",
-           "TrainingRun"]
+__all__ = [
+    "KINDS",
+    "Condition",
+    "DriftPolicy",
+    "ModelDeployment",
+    "ModelVersion",
+    "Resource",
+    "TrainingRun",
+]

@@ -24,8 +24,9 @@ class ApiModel(BaseModel):
     )
 
 
-def cel(rule: str, message: str, *, field_path: str | None = None,
-        reason: str | None = None) -> dict[str, str]:
+def cel(
+    rule: str, message: str, *, field_path: str | None = None, reason: str | None = None
+) -> dict[str, str]:
     """One ``x-kubernetes-validations`` entry."""
     entry = {"rule": rule, "message": message}
     if field_path:
@@ -56,40 +57,48 @@ Duration = Annotated[
 ]
 Quantity = Annotated[
     str,
-    StringConstraints(
-        max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
-    ),
+    StringConstraints(max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"),
 ]
-LabelMap = Annotated[dict[str, Annotated[str, StringConstraints(max_length=253)]],
-                     Field(max_length=64)]
-MetricName = Annotated[str, StringConstraints(min_length=1, max_length=63,
-                                              pattern=r"^[a-z][a-z0-9_]*$")]
+LabelMap = Annotated[
+    dict[str, Annotated[str, StringConstraints(max_length=253)]], Field(max_length=64)
+]
+MetricName = Annotated[
+    str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$")
+]
 
 
 class Condition(ApiModel):
     """A Kubernetes-style condition (same shape as metav1.Condition)."""
 
     type: Annotated[str, StringConstraints(max_length=63, pattern=r"^[A-Z][A-Za-z0-9]*$")] = Field(
-        description="Condition type, e.g. Ready, Progressing, Degraded.")
+        description="Condition type, e.g. Ready, Progressing, Degraded."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: Annotated[str, StringConstraints(max_length=128)] = Field(
-        default="", description="CamelCase machine-readable reason for the last transition.")
+        default="", description="CamelCase machine-readable reason for the last transition."
+    )
     message: Annotated[str, StringConstraints(max_length=32768)] = Field(
-        default="", description="Human-readable detail.")
+        default="", description="Human-readable detail."
+    )
     last_transition_time: Annotated[str, StringConstraints(max_length=64)] = Field(
-        default="", description="When status last changed (RFC 3339).")
+        default="", description="When status last changed (RFC 3339)."
+    )
     observed_generation: int = Field(
-        default=0, ge=0, description="metadata.generation the condition was computed from.")
+        default=0, ge=0, description="metadata.generation the condition was computed from."
+    )
 
 
 class StatusBase(ApiModel):
     """Fields every kind's status carries."""
 
     observed_generation: int = Field(
-        default=0, ge=0, description="The metadata.generation this status was computed from.")
+        default=0, ge=0, description="The metadata.generation this status was computed from."
+    )
     conditions: list[Condition] = Field(
-        default_factory=list, max_length=16,
-        description="Ready, Progressing, Degraded and domain conditions.")
+        default_factory=list,
+        max_length=16,
+        description="Ready, Progressing, Degraded and domain conditions.",
+    )
 
 
 class ObjectMeta(BaseModel):
@@ -142,13 +151,6 @@ def ready_columns() -> tuple[PrinterColumn, ...]:
         PrinterColumn("Reason", '.status.conditions[?(@.type=="Ready")].reason', priority=1),
         PrinterColumn("Age", ".metadata.creationTimestamp", type="date"),
     )
-
-
-NAME_RULE = cel(
-    "size(self.metadata.name) <= 63",
-    "metadata.name must be at most 63 characters: it names child objects and label values",
-    reason="FieldValueInvalid",
-)
 
 
 class Resource(BaseModel):

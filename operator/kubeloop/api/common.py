@@ -18,8 +18,14 @@ class LocalRef(ApiModel):
     """A reference to an object in the same namespace."""
 
     model_config = ApiModel.model_config | {
-        "json_schema_extra": validations(cel("!has(self.__namespace__)", CROSS_NAMESPACE_MESSAGE,
-                                             field_path=".namespace", reason="FieldValueForbidden"))
+        "json_schema_extra": validations(
+            cel(
+                "!has(self.__namespace__)",
+                CROSS_NAMESPACE_MESSAGE,
+                field_path=".namespace",
+                reason="FieldValueForbidden",
+            )
+        )
     }
 
     name: DNSLabel = Field(description="Name of the object, in this resource's namespace.")
@@ -41,14 +47,18 @@ class Toleration(ApiModel):
     """A pod toleration (same fields as core/v1 Toleration)."""
 
     key: Annotated[str, StringConstraints(max_length=253)] = Field(
-        default="", description="Taint key the toleration applies to; empty matches all keys.")
+        default="", description="Taint key the toleration applies to; empty matches all keys."
+    )
     operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
     value: Annotated[str, StringConstraints(max_length=253)] = Field(
-        default="", description="Taint value to match with operator Equal.")
+        default="", description="Taint value to match with operator Equal."
+    )
     effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = Field(
-        default="", description="Taint effect to match; empty matches all effects.")
+        default="", description="Taint effect to match; empty matches all effects."
+    )
     toleration_seconds: int | None = Field(
-        default=None, ge=0, description="How long a NoExecute taint is tolerated.")
+        default=None, ge=0, description="How long a NoExecute taint is tolerated."
+    )
 
 
 class ComputeResources(ApiModel):
@@ -56,18 +66,26 @@ class ComputeResources(ApiModel):
 
     cpu: Quantity = Field(default="1", description="CPU request and limit, e.g. 500m or 2.")
     memory: Quantity = Field(default="2Gi", description="Memory request and limit, e.g. 4Gi.")
-    gpu: int = Field(default=0, ge=0, le=16,
-                     description="Number of GPUs (0 to 16). Over the namespace budget, work waits "
-                     "in Queued.")
+    gpu: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Number of GPUs (0 to 16). Over the namespace budget, work waits in Queued.",
+    )
     gpu_resource: Annotated[
         str, StringConstraints(max_length=63, pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$")
     ] = Field(default="nvidia.com/gpu", description="Extended resource name of the accelerator.")
     accelerator_type: Annotated[str, StringConstraints(max_length=63)] = Field(
-        default="", description="Accelerator type for node selection, e.g. NVIDIA_H100 (KFP's "
-        "set_accelerator_type).")
+        default="",
+        description="Accelerator type for node selection, e.g. NVIDIA_H100 (KFP's "
+        "set_accelerator_type).",
+    )
     node_selector: LabelMap = Field(
-        default_factory=dict, description="Node labels the pods must match.")
+        default_factory=dict, description="Node labels the pods must match."
+    )
     tolerations: list[Toleration] = Field(
-        default_factory=list, max_length=16, description="Taints the pods tolerate.")
+        default_factory=list, max_length=16, description="Taints the pods tolerate."
+    )
     queue_name: DNSLabel | None = Field(
-        default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label.")
+        default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label."
+    )

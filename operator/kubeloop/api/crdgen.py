@@ -57,16 +57,25 @@ def structural(schema: Schema, defs: dict[str, Schema]) -> Schema:
             out["additionalProperties"] = structural(sub, defs)
             out["x-kubernetes-validations"] = [
                 *out.get("x-kubernetes-validations", []),
-                cel(f"self.all(k, k.matches('{pattern}'))", f"keys must match {pattern}")]
+                cel(f"self.all(k, k.matches('{pattern}'))", f"keys must match {pattern}"),
+            ]
         elif key == "propertyNames":
             # Not part of Kubernetes' schema dialect: check the keys with CEL instead.
             rules = []
             if "pattern" in value:
-                rules.append(cel(f"self.all(k, k.matches('{value['pattern']}'))",
-                                 f"keys must match {value['pattern']}"))
+                rules.append(
+                    cel(
+                        f"self.all(k, k.matches('{value['pattern']}'))",
+                        f"keys must match {value['pattern']}",
+                    )
+                )
             if "maxLength" in value:
-                rules.append(cel(f"self.all(k, size(k) <= {value['maxLength']})",
-                                 f"keys must be at most {value['maxLength']} characters"))
+                rules.append(
+                    cel(
+                        f"self.all(k, size(k) <= {value['maxLength']})",
+                        f"keys must be at most {value['maxLength']} characters",
+                    )
+                )
             out["x-kubernetes-validations"] = [*out.get("x-kubernetes-validations", []), *rules]
         elif key == "x-kubernetes-validations":
             out[key] = [*out.get(key, []), *value]
@@ -106,14 +115,15 @@ class _WithFactoryDefaults(GenerateJsonSchema):
         if isinstance(value, BaseModel):
             # The whole defaulted object: CEL rules on it are checked against the default.
             value = value.model_dump(by_alias=True, mode="json", exclude_none=True)
-        if value == [] or value == {} and "properties" not in inner and "$ref" not in inner:
+        if value == [] or (value == {} and "properties" not in inner and "$ref" not in inner):
             return inner  # empty lists and maps: omitting them is the same
         return {**inner, "default": value}
 
 
 def _schema_of(model: type[Any]) -> Schema:
-    raw = model.model_json_schema(by_alias=True, mode="validation",
-                                  schema_generator=_WithFactoryDefaults)
+    raw = model.model_json_schema(
+        by_alias=True, mode="validation", schema_generator=_WithFactoryDefaults
+    )
     return structural(raw, raw.get("$defs", {}))
 
 
@@ -122,7 +132,8 @@ def crd_for(kind: type[Resource]) -> dict[str, Any]:
     info = kind.crd
     spec_field = kind.model_fields["spec"].annotation
     status_field = kind.model_fields["status"].annotation
-    assert isinstance(spec_field, type) and isinstance(status_field, type)
+    assert isinstance(spec_field, type)
+    assert isinstance(status_field, type)
     root: Schema = {
         "type": "object",
         "description": info.description,
@@ -130,7 +141,11 @@ def crd_for(kind: type[Resource]) -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # Names become child-object names and label values: 63 characters at most.
+            "metadata": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 63}},
+            },
             "spec": _schema_of(spec_field),
             "status": _schema_of(status_field),
         },
@@ -138,9 +153,13 @@ def crd_for(kind: type[Resource]) -> dict[str, Any]:
     if info.root_rules:
         root["x-kubernetes-validations"] = [dict(r) for r in info.root_rules]
     columns = [
-        {"name": c.name, "type": c.type, "jsonPath": c.json_path,
-         **({"description": c.description} if c.description else {}),
-         **({"priority": c.priority} if c.priority else {})}
+        {
+            "name": c.name,
+            "type": c.type,
+            "jsonPath": c.json_path,
+            **({"description": c.description} if c.description else {}),
+            **({"priority": c.priority} if c.priority else {}),
+        }
         for c in info.columns
     ]
     return {
@@ -158,16 +177,21 @@ def crd_for(kind: type[Resource]) -> dict[str, Any]:
                 "shortNames": list(info.short_names),
                 "categories": list(info.categories),
             },
-            "versions": [{
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": columns,
-                **({"selectableFields": [{"jsonPath": f} for f in info.selectable_fields]}
-                   if info.selectable_fields else {}),
-                "schema": {"openAPIV3Schema": root},
-            }],
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    **(
+                        {"selectableFields": [{"jsonPath": f} for f in info.selectable_fields]}
+                        if info.selectable_fields
+                        else {}
+                    ),
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
         },
     }
 

@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 from pydantic import Field, StringConstraints
 
 from kubeloop.api.base import (
-    NAME_RULE,
     ApiModel,
     CRDInfo,
     DNSLabel,
@@ -36,17 +35,23 @@ class AliasRef(ApiModel):
 class ModelSource(ApiModel):
     """Which model to serve: exactly one of modelVersion, alias or trainingRun."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": validations(
-        cel("(has(self.modelVersion) ? 1 : 0) + (has(self.alias) ? 1 : 0) + "
-            "(has(self.trainingRun) ? 1 : 0) == 1",
-            "set exactly one of modelVersion, alias or trainingRun"),
-    )}
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "(has(self.modelVersion) ? 1 : 0) + (has(self.alias) ? 1 : 0) + "
+                "(has(self.trainingRun) ? 1 : 0) == 1",
+                "set exactly one of modelVersion, alias or trainingRun",
+            ),
+        )
+    }
 
     model_version: LocalRef | None = Field(default=None, description="A ModelVersion by name.")
-    alias: AliasRef | None = Field(default=None,
-                                   description="Follow an alias; a move starts a rollout.")
+    alias: AliasRef | None = Field(
+        default=None, description="Follow an alias; a move starts a rollout."
+    )
     training_run: LocalRef | None = Field(
-        default=None, description="Serve whatever this TrainingRun registers last.")
+        default=None, description="Serve whatever this TrainingRun registers last."
+    )
 
 
 class Batching(ApiModel):
@@ -54,8 +59,9 @@ class Batching(ApiModel):
 
     enabled: bool = Field(default=False, description="Batch concurrent requests.")
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="Largest batch.")
-    max_latency_ms: int = Field(default=5, ge=1, le=10000,
-                                description="Longest a request waits for a batch to fill.")
+    max_latency_ms: int = Field(
+        default=5, ge=1, le=10000, description="Longest a request waits for a batch to fill."
+    )
 
 
 class ResponseCache(ApiModel):
@@ -69,24 +75,33 @@ class ResponseCache(ApiModel):
 class Serving(ApiModel):
     """How the model is served."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": validations(
-        cel("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas",
-            field_path=".minReplicas"),
-    )}
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.minReplicas <= self.maxReplicas",
+                "minReplicas must be <= maxReplicas",
+                field_path=".minReplicas",
+            ),
+        )
+    }
 
     backend: Literal["default", "local", "kserve"] = Field(
-        default="default", description="local (embedded server) or kserve; default follows the "
-        "operator's setting.")
+        default="default",
+        description="local (embedded server) or kserve; default follows the operator's setting.",
+    )
     deployment_mode: Literal["Serverless", "RawDeployment"] = Field(
-        default="RawDeployment", description="KServe deployment mode.")
+        default="RawDeployment", description="KServe deployment mode."
+    )
     protocol: Literal["v1", "v2"] = Field(default="v2", description="KServe inference protocol.")
     grpc: bool = Field(default=False, description="Also serve the V2 gRPC protocol.")
-    resources: ComputeResources = Field(default_factory=ComputeResources,
-                                        description="Per-replica resources.")
+    resources: ComputeResources = Field(
+        default_factory=ComputeResources, description="Per-replica resources."
+    )
     min_replicas: int = Field(default=1, ge=0, le=100, description="Fewest replicas.")
     max_replicas: int = Field(default=1, ge=1, le=100, description="Most replicas.")
     scale_metric: Literal["concurrency", "rps", "cpu"] = Field(
-        default="concurrency", description="Autoscaling signal.")
+        default="concurrency", description="Autoscaling signal."
+    )
     scale_target: int = Field(default=8, ge=1, le=10000, description="Target per replica.")
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching.")
     cache: ResponseCache = Field(default_factory=ResponseCache, description="Response cache.")
@@ -95,16 +110,20 @@ class Serving(ApiModel):
 class CustomMetric(ApiModel):
     """A tenant PromQL check; the operator scopes it to this namespace."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": validations(
-        cel("has(self.min) || has(self.max)", "set min, max or both"),
-        cel("!has(self.min) || !has(self.max) || self.min <= self.max", "min must be <= max"),
-    )}
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel("has(self.min) || has(self.max)", "set min, max or both"),
+            cel("!has(self.min) || !has(self.max) || self.min <= self.max", "min must be <= max"),
+        )
+    }
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=63,
-                                           pattern=r"^[a-z][a-z0-9-]*$")] = Field(
-        description="Name shown in the analysis results.")
-    query: PromQL = Field(description="PromQL returning one value; {{version}} is replaced "
-                          "by the version under analysis.")
+    name: Annotated[
+        str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9-]*$")
+    ] = Field(description="Name shown in the analysis results.")
+    query: PromQL = Field(
+        description="PromQL returning one value; {{version}} is replaced "
+        "by the version under analysis."
+    )
     min: float | None = Field(default=None, description="Lowest healthy value.")
     max: float | None = Field(default=None, description="Highest healthy value.")
 
@@ -112,40 +131,61 @@ class CustomMetric(ApiModel):
 class Analysis(ApiModel):
     """Health checks run against the canary at each step."""
 
-    max_error_rate: float = Field(default=0.01, ge=0, le=1,
-                                  description="Highest 5xx fraction allowed.")
-    max_p99_latency_ms: float = Field(default=500, gt=0, le=600000,
-                                      description="Highest p99 latency allowed.")
+    max_error_rate: float = Field(
+        default=0.01, ge=0, le=1, description="Highest 5xx fraction allowed."
+    )
+    max_p99_latency_ms: float = Field(
+        default=500, gt=0, le=600000, description="Highest p99 latency allowed."
+    )
     max_prediction_shift: float | None = Field(
-        default=0.25, ge=0, le=10,
-        description="Highest PSI between canary and stable prediction distributions.")
-    min_requests: int = Field(default=20, ge=1, le=10**7,
-                              description="Fewest canary requests in a step for a verdict; "
-                              "fewer is inconclusive and holds the step.")
-    failure_limit: int = Field(default=2, ge=1, le=100,
-                               description="Failed checks before rollback.")
-    metrics: list[CustomMetric] = Field(default_factory=list, max_length=16,
-                                        description="Extra PromQL checks.")
+        default=0.25,
+        ge=0,
+        le=10,
+        description="Highest PSI between canary and stable prediction distributions.",
+    )
+    min_requests: int = Field(
+        default=20,
+        ge=1,
+        le=10**7,
+        description="Fewest canary requests in a step for a verdict; "
+        "fewer is inconclusive and holds the step.",
+    )
+    failure_limit: int = Field(
+        default=2, ge=1, le=100, description="Failed checks before rollback."
+    )
+    metrics: list[CustomMetric] = Field(
+        default_factory=list, max_length=16, description="Extra PromQL checks."
+    )
 
 
 class Rollout(ApiModel):
     """How a new version replaces the stable one."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": validations(
-        cel("self.strategy != 'canary' || size(self.steps) > 0",
-            "a canary needs at least one step", field_path=".steps"),
-    )}
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.strategy != 'canary' || size(self.steps) > 0",
+                "a canary needs at least one step",
+                field_path=".steps",
+            ),
+        )
+    }
 
-    strategy: Literal["canary", "immediate"] = Field(default="canary",
-                                                     description="canary or immediate.")
+    strategy: Literal["canary", "immediate"] = Field(
+        default="canary", description="canary or immediate."
+    )
     steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(
-        default_factory=lambda: [10, 25, 50, 100], max_length=20,
+        default_factory=lambda: [10, 25, 50, 100],
+        max_length=20,
         json_schema_extra=validations(
-            cel("self.isSorted() && self.all(p, self.exists_one(q, q == p))",
-                "steps must be strictly increasing"),
+            cel(
+                "self.isSorted() && self.all(p, self.exists_one(q, q == p))",
+                "steps must be strictly increasing",
+            ),
             cel("size(self) == 0 || self[size(self) - 1] == 100", "steps must end at 100"),
         ),
-        description="Canary traffic percentages, strictly increasing, ending at 100.")
+        description="Canary traffic percentages, strictly increasing, ending at 100.",
+    )
     interval: Duration = Field(default="60s", description="Time between analyses.")
     max_duration: Duration = Field(default="2h", description="Abort after this long.")
     analysis: Analysis = Field(default_factory=Analysis, description="Health checks.")
@@ -159,7 +199,8 @@ class ModelDeploymentSpec(ApiModel):
     rollout: Rollout = Field(default_factory=Rollout, description="Rollout policy.")
     paused: bool = Field(default=False, description="Hold the rollout at its current step.")
     manual_action: Literal["none", "promote", "abort"] = Field(
-        default="none", description="promote now or abort now; reset to none when done.")
+        default="none", description="promote now or abort now; reset to none when done."
+    )
 
 
 class VersionWeight(ApiModel):
@@ -185,7 +226,8 @@ class RolloutRecord(ApiModel):
     from_version: ShortText = Field(default="", description="Stable before.")
     to_version: ShortText = Field(default="", description="Canary.")
     result: Literal["Promoted", "RolledBack", "Aborted", "Superseded"] = Field(
-        description="Outcome.")
+        description="Outcome."
+    )
     reason: ShortText = Field(default="", description="Why.")
     finished_at: ShortText = Field(default="", description="When.")
 
@@ -193,19 +235,23 @@ class RolloutRecord(ApiModel):
 class ModelDeploymentStatus(StatusBase):
     """What is served and how the rollout stands."""
 
-    phase: Literal["", "Pending", "Serving", "Progressing", "Paused", "Promoted",
-                   "RolledBack", "Failed"] = Field(default="", description="Summary.")
+    phase: Literal[
+        "", "Pending", "Serving", "Progressing", "Paused", "Promoted", "RolledBack", "Failed"
+    ] = Field(default="", description="Summary.")
     stable: VersionWeight = Field(default_factory=VersionWeight, description="Stable version.")
     canary: VersionWeight = Field(default_factory=VersionWeight, description="Canary version.")
     current_step: int = Field(default=0, ge=0, description="Index into spec.rollout.steps.")
     step_started_at: ShortText = Field(default="", description="When the step began.")
     failed_checks: int = Field(default=0, ge=0, description="Failed analyses this rollout.")
-    analysis: list[AnalysisResult] = Field(default_factory=list, max_length=64,
-                                           description="Latest analysis results.")
-    history: list[RolloutRecord] = Field(default_factory=list, max_length=20,
-                                         description="Finished rollouts, newest last.")
+    analysis: list[AnalysisResult] = Field(
+        default_factory=list, max_length=64, description="Latest analysis results."
+    )
+    history: list[RolloutRecord] = Field(
+        default_factory=list, max_length=20, description="Finished rollouts, newest last."
+    )
     url: Annotated[str, StringConstraints(max_length=512)] = Field(
-        default="", description="Inference endpoint.")
+        default="", description="Inference endpoint."
+    )
 
 
 class ModelDeployment(Resource):
@@ -214,7 +260,6 @@ class ModelDeployment(Resource):
         plural="modeldeployments",
         short_names=("md",),
         description="Serves a model and rolls new versions out as a Prometheus-gated canary.",
-        root_rules=(NAME_RULE,),
         columns=(
             PrinterColumn("Stable", ".status.stable.modelVersion"),
             PrinterColumn("Canary", ".status.canary.modelVersion"),

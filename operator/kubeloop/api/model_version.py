@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 from pydantic import Field, StringConstraints
 
 from kubeloop.api.base import (
-    NAME_RULE,
     ApiModel,
     CRDInfo,
     DNSLabel,
@@ -24,20 +23,24 @@ from kubeloop.api.base import (
 )
 
 Alias = Literal["latest", "candidate", "production", "staging"]
-ARTIFACT_URI_PATTERN = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,62}/|gs://[a-z0-9][a-z0-9._-]{1,62}/|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/)[^\s]*$"  # noqa: E501
+ARTIFACT_URI_PATTERN = r"^(file:///|s3://[a-z0-9][a-z0-9.-]{1,62}/|gs://[a-z0-9][a-z0-9._-]{1,62}/|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/)[^\s]*$"
 
 
 class Artifact(ApiModel):
     """Where the model's files are and how to load them."""
 
-    uri: Annotated[str, StringConstraints(min_length=8, max_length=1024,
-                                          pattern=ARTIFACT_URI_PATTERN)] = Field(
+    uri: Annotated[
+        str, StringConstraints(min_length=8, max_length=1024, pattern=ARTIFACT_URI_PATTERN)
+    ] = Field(
         description="Location of the model directory: file:///abs/path, s3://bucket/key, "
-        "gs://bucket/key or pvc://claim-name/path (a claim in this namespace).")
+        "gs://bucket/key or pvc://claim-name/path (a claim in this namespace)."
+    )
     format: Literal["torch", "torchscript", "onnx", "sklearn"] = Field(
-        default="torch", description="Serialisation format the serving runtime loads.")
+        default="torch", description="Serialisation format the serving runtime loads."
+    )
     sha256: Annotated[str, StringConstraints(pattern=r"^[a-f0-9]{64}$", max_length=64)] | None = (
-        Field(default=None, description="Digest of the model file; verified when readable."))
+        Field(default=None, description="Digest of the model file; verified when readable.")
+    )
     size_bytes: int | None = Field(default=None, ge=0, description="Size of the artifact.")
 
 
@@ -45,48 +48,64 @@ class TensorSpec(ApiModel):
     """One named input or output of the model."""
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
-        description="Feature or output name.")
+        description="Feature or output name."
+    )
     dtype: Literal["float32", "float64", "int64", "int32", "bool", "string"] = Field(
-        default="float32", description="Element type.")
-    shape: list[int] = Field(default_factory=list, max_length=8,
-                             description="Shape without the batch dimension; -1 for variable.")
+        default="float32", description="Element type."
+    )
+    shape: list[int] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Shape without the batch dimension; -1 for variable.",
+    )
 
 
 class Signature(ApiModel):
     """The model's input and output contract, checked when a deployment switches versions."""
 
-    inputs: list[TensorSpec] = Field(default_factory=list, max_length=1024,
-                                     description="Inputs in the order the model expects them.")
-    outputs: list[TensorSpec] = Field(default_factory=list, max_length=64,
-                                      description="Outputs.")
+    inputs: list[TensorSpec] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Inputs in the order the model expects them.",
+    )
+    outputs: list[TensorSpec] = Field(default_factory=list, max_length=64, description="Outputs.")
 
 
 class Lineage(ApiModel):
     """Where the model came from."""
 
-    training_run: DNSLabel | None = Field(default=None,
-                                          description="TrainingRun that produced it.")
-    pipeline_run_id: ShortText | None = Field(default=None,
-                                              description="Executor's run id (KFP or local).")
+    training_run: DNSLabel | None = Field(default=None, description="TrainingRun that produced it.")
+    pipeline_run_id: ShortText | None = Field(
+        default=None, description="Executor's run id (KFP or local)."
+    )
     dataset_uri: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
-        default=None, description="Dataset the model was trained on.")
+        default=None, description="Dataset the model was trained on."
+    )
     dataset_sha256: Annotated[str, StringConstraints(max_length=64)] | None = Field(
-        default=None, description="Digest of the dataset snapshot.")
+        default=None, description="Digest of the dataset snapshot."
+    )
     parent_version: DNSLabel | None = Field(
-        default=None, description="ModelVersion this one retrains or distils.")
+        default=None, description="ModelVersion this one retrains or distils."
+    )
     spec_hash: Annotated[str, StringConstraints(max_length=64)] | None = Field(
-        default=None, description="Hash of the compiled pipeline that trained it.")
+        default=None, description="Hash of the compiled pipeline that trained it."
+    )
 
 
 class FeatureReference(ApiModel):
     """Training distribution of one feature: histogram edges and fractions, for drift."""
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
-        description="Feature name.")
-    edges: list[float] = Field(default_factory=list, max_length=65,
-                               description="Bucket edges, ascending (at most 64 buckets).")
-    fractions: list[float] = Field(default_factory=list, max_length=64,
-                                   description="Fraction of training rows per bucket.")
+        description="Feature name."
+    )
+    edges: list[float] = Field(
+        default_factory=list,
+        max_length=65,
+        description="Bucket edges, ascending (at most 64 buckets).",
+    )
+    fractions: list[float] = Field(
+        default_factory=list, max_length=64, description="Fraction of training rows per bucket."
+    )
 
 
 class ModelVersionSpec(ApiModel):
@@ -94,11 +113,14 @@ class ModelVersionSpec(ApiModel):
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": validations(
-            cel("self.modelName == oldSelf.modelName && self.version == oldSelf.version && "
+            cel(
+                "self.modelName == oldSelf.modelName && self.version == oldSelf.version && "
                 "self.artifact == oldSelf.artifact && self.task == oldSelf.task && "
                 "self.framework == oldSelf.framework",
-                "modelName, version, artifact, task and framework are immutable: register a new ModelVersion",
-                reason="FieldValueForbidden"),
+                "modelName, version, artifact, task and framework are immutable: "
+                "register a new ModelVersion",
+                reason="FieldValueForbidden",
+            ),
         )
     }
 
@@ -106,25 +128,39 @@ class ModelVersionSpec(ApiModel):
     version: int = Field(ge=1, le=1_000_000, description="Version number, unique per model name.")
     artifact: Artifact = Field(description="The model files.")
     task: Literal["classification", "regression"] = Field(
-        default="classification", description="What the model predicts.")
+        default="classification", description="What the model predicts."
+    )
     framework: Literal["torch", "sklearn", "onnx"] = Field(
-        default="torch", description="Framework that produced it.")
+        default="torch", description="Framework that produced it."
+    )
     metrics: Annotated[dict[MetricName, float], Field(max_length=64)] = Field(
-        default_factory=dict, json_schema_extra=immutable("spec.metrics"),
-        description="Evaluation metrics on the held-out test split, e.g. f1: 0.97.")
-    signature: Signature | None = Field(default=None, json_schema_extra=immutable(
-        "spec.signature"), description="Input/output contract.")
-    lineage: Lineage | None = Field(default=None, json_schema_extra=immutable("spec.lineage"),
-                                    description="Provenance.")
+        default_factory=dict,
+        json_schema_extra=immutable("spec.metrics"),
+        description="Evaluation metrics on the held-out test split, e.g. f1: 0.97.",
+    )
+    signature: Signature | None = Field(
+        default=None,
+        json_schema_extra=immutable("spec.signature"),
+        description="Input/output contract.",
+    )
+    lineage: Lineage | None = Field(
+        default=None, json_schema_extra=immutable("spec.lineage"), description="Provenance."
+    )
     reference: list[FeatureReference] = Field(
-        default_factory=list, max_length=256, json_schema_extra=immutable("spec.reference"),
-        description="Training distribution of each feature (drift baseline).")
+        default_factory=list,
+        max_length=256,
+        json_schema_extra=immutable("spec.reference"),
+        description="Training distribution of each feature (drift baseline).",
+    )
     aliases: list[Alias] = Field(
-        default_factory=list, max_length=4,
-        json_schema_extra=validations(cel("self.all(a, self.exists_one(b, b == a))",
-                                          "aliases must not repeat")),
+        default_factory=list,
+        max_length=4,
+        json_schema_extra=validations(
+            cel("self.all(a, self.exists_one(b, b == a))", "aliases must not repeat")
+        ),
         description="Aliases this version claims. At most one version of a model holds each "
-        "alias: the operator moves it from the previous holder.")
+        "alias: the operator moves it from the previous holder.",
+    )
     description: LongText = Field(default="", description="Free text.")
 
 
@@ -132,12 +168,15 @@ class ModelVersionStatus(StatusBase):
     """What the registry resolved."""
 
     phase: Literal["", "Pending", "Ready", "Failed"] = Field(default="", description="Summary.")
-    aliases: list[Alias] = Field(default_factory=list, max_length=4,
-                                 description="Aliases this version holds now.")
+    aliases: list[Alias] = Field(
+        default_factory=list, max_length=4, description="Aliases this version holds now."
+    )
     primary_metric: Annotated[str, StringConstraints(max_length=64)] = Field(
-        default="", description="The headline metric, e.g. f1=0.971 (for kubectl get).")
-    artifact_verified: bool = Field(default=False,
-                                    description="The artifact was found and its digest matched.")
+        default="", description="The headline metric, e.g. f1=0.971 (for kubectl get)."
+    )
+    artifact_verified: bool = Field(
+        default=False, description="The artifact was found and its digest matched."
+    )
 
 
 class ModelVersion(Resource):
@@ -147,7 +186,6 @@ class ModelVersion(Resource):
         short_names=("mv",),
         description="An immutable record of a trained model: artifact, metrics, lineage, "
         "signature and aliases.",
-        root_rules=(NAME_RULE,),
         selectable_fields=(".spec.modelName",),
         columns=(
             PrinterColumn("Model", ".spec.modelName"),

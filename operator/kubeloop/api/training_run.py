@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 from pydantic import Field, StringConstraints
 
 from kubeloop.api.base import (
-    NAME_RULE,
     ApiModel,
     CRDInfo,
     DNSLabel,
@@ -27,8 +26,19 @@ from kubeloop.api.model_version import Alias
 DATA_URI_PATTERN = r"^(file:///|s3://|gs://|builtin://)[^\s]+$"
 BUILTIN_DATASETS = ("breast-cancer", "digits", "diabetes", "fraud", "reviews")
 GateMetric = Literal[
-    "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "minority_recall",
-    "mse", "rmse", "mae", "r2", "latency_ms", "size_mb",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "roc_auc",
+    "pr_auc",
+    "minority_recall",
+    "mse",
+    "rmse",
+    "mae",
+    "r2",
+    "latency_ms",
+    "size_mb",
 ]
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -36,9 +46,14 @@ ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 class Split(ApiModel):
     """How rows are split; seeded so a rerun sees the same rows."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": validations(
-        cel("self.validation + self.test < 0.9",
-            "validation + test must leave at least 10% of the rows for training"))}
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.validation + self.test < 0.9",
+                "validation + test must leave at least 10% of the rows for training",
+            )
+        )
+    }
 
     validation: float = Field(default=0.15, gt=0, lt=0.5, description="Validation fraction.")
     test: float = Field(default=0.15, gt=0, lt=0.5, description="Held-out test fraction.")
@@ -49,27 +64,36 @@ class Split(ApiModel):
 class DataSource(ApiModel):
     """Where the training data is and what to predict."""
 
-    uri: Annotated[str, StringConstraints(min_length=10, max_length=1024,
-                                          pattern=DATA_URI_PATTERN)] = Field(
+    uri: Annotated[
+        str, StringConstraints(min_length=10, max_length=1024, pattern=DATA_URI_PATTERN)
+    ] = Field(
         description="file:///path.csv, s3://bucket/key.parquet, gs://…, or builtin://NAME "
-        f"({', '.join(BUILTIN_DATASETS)}).")
+        f"({', '.join(BUILTIN_DATASETS)})."
+    )
     format: Literal["auto", "csv", "parquet", "images", "text"] = Field(
-        default="auto", description="File format; auto infers it from the extension.")
+        default="auto", description="File format; auto infers it from the extension."
+    )
     target: ColumnName = Field(description="Column to predict.")
     task: Literal["classification", "regression"] = Field(
-        default="classification", description="Classification or regression.")
-    features: list[ColumnName] = Field(default_factory=list, max_length=1024,
-                                       description="Columns to use; empty means all but target.")
+        default="classification", description="Classification or regression."
+    )
+    features: list[ColumnName] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Columns to use; empty means all but target.",
+    )
     split: Split = Field(default_factory=Split, description="Train/validation/test split.")
     credentials_secret: LocalRef | None = Field(
-        default=None, description="Secret in this namespace with object-store credentials.")
+        default=None, description="Secret in this namespace with object-store credentials."
+    )
 
 
 class MissingValues(ApiModel):
     """Handling of missing values."""
 
     strategy: Literal["drop", "mean", "median", "most_frequent", "model"] = Field(
-        default="median", description="drop rows, impute a statistic, or impute with a model.")
+        default="median", description="drop rows, impute a statistic, or impute with a model."
+    )
 
 
 class Outliers(ApiModel):
@@ -77,8 +101,9 @@ class Outliers(ApiModel):
 
     method: Literal["none", "iqr", "zscore"] = Field(default="none", description="Detector.")
     action: Literal["clip", "drop"] = Field(default="clip", description="Clip or drop.")
-    threshold: float = Field(default=3.0, gt=0, le=10,
-                             description="IQR multiplier or z-score limit.")
+    threshold: float = Field(
+        default=3.0, gt=0, le=10, description="IQR multiplier or z-score limit."
+    )
 
 
 class Augmentation(ApiModel):
@@ -88,19 +113,23 @@ class Augmentation(ApiModel):
     flip: bool = Field(default=False, description="Images: random horizontal flip.")
     scale: float = Field(default=0, ge=0, le=0.5, description="Images: max zoom in/out.")
     image_noise: float = Field(default=0, ge=0, le=1, description="Images: Gaussian noise std.")
-    synonym_swap: float = Field(default=0, ge=0, le=1,
-                                description="Text: probability of swapping a word for a synonym.")
-    tabular_noise: float = Field(default=0, ge=0, le=1,
-                                 description="Tabular: Gaussian noise std (in scaled units).")
+    synonym_swap: float = Field(
+        default=0, ge=0, le=1, description="Text: probability of swapping a word for a synonym."
+    )
+    tabular_noise: float = Field(
+        default=0, ge=0, le=1, description="Tabular: Gaussian noise std (in scaled units)."
+    )
 
 
 class QualityGate(ApiModel):
     """Stops the run before training when the data is too poor."""
 
-    max_missing_fraction: float = Field(default=0.5, ge=0, le=1,
-                                        description="Largest fraction of missing cells allowed.")
-    max_duplicate_fraction: float = Field(default=0.5, ge=0, le=1,
-                                          description="Largest duplicate-row fraction allowed.")
+    max_missing_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Largest fraction of missing cells allowed."
+    )
+    max_duplicate_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Largest duplicate-row fraction allowed."
+    )
     min_rows: int = Field(default=50, ge=1, le=10**9, description="Fewest rows after cleaning.")
 
 
@@ -110,13 +139,16 @@ class Preprocessing(ApiModel):
     missing: MissingValues = Field(default_factory=MissingValues, description="Missing values.")
     outliers: Outliers = Field(default_factory=Outliers, description="Outliers.")
     drop_duplicates: bool = Field(default=True, description="Remove duplicate rows.")
-    encoding: Literal["onehot", "ordinal"] = Field(default="onehot",
-                                                   description="Categorical encoding.")
-    scaling: Literal["none", "standard", "minmax"] = Field(default="standard",
-                                                           description="Numeric scaling.")
+    encoding: Literal["onehot", "ordinal"] = Field(
+        default="onehot", description="Categorical encoding."
+    )
+    scaling: Literal["none", "standard", "minmax"] = Field(
+        default="standard", description="Numeric scaling."
+    )
     augmentation: Augmentation = Field(default_factory=Augmentation, description="Augmentation.")
-    quality_gate: QualityGate | None = Field(default=None,
-                                             description="Optional data-quality gate.")
+    quality_gate: QualityGate | None = Field(
+        default=None, description="Optional data-quality gate."
+    )
 
 
 class EarlyStopping(ApiModel):
@@ -130,11 +162,18 @@ class ModelSpec(ApiModel):
     """Model family and training hyperparameters (tuning may override any of them)."""
 
     family: Literal["mlp", "cnn", "resnet", "transformer"] = Field(
-        default="mlp", description="mlp (tabular), cnn/resnet (images), transformer (text).")
-    hidden_layers: list[int] = Field(default_factory=lambda: [64, 32], max_length=16,
-                                     description="Width of each hidden layer (mlp).")
-    channels: list[int] = Field(default_factory=lambda: [16, 32], max_length=8,
-                                description="Channels per conv stage (cnn/resnet).")
+        default="mlp", description="mlp (tabular), cnn/resnet (images), transformer (text)."
+    )
+    hidden_layers: list[int] = Field(
+        default_factory=lambda: [64, 32],
+        max_length=16,
+        description="Width of each hidden layer (mlp).",
+    )
+    channels: list[int] = Field(
+        default_factory=lambda: [16, 32],
+        max_length=8,
+        description="Channels per conv stage (cnn/resnet).",
+    )
     embedding_dim: int = Field(default=64, ge=8, le=4096, description="Transformer width.")
     heads: int = Field(default=4, ge=1, le=64, description="Transformer attention heads.")
     layers: int = Field(default=2, ge=1, le=48, description="Transformer encoder layers.")
@@ -146,72 +185,95 @@ class ModelSpec(ApiModel):
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="L2 penalty.")
     optimizer: Literal["adam", "adamw", "sgd"] = Field(default="adamw", description="Optimiser.")
     lr_schedule: Literal["none", "cosine", "step", "plateau"] = Field(
-        default="cosine", description="Learning-rate schedule.")
-    early_stopping: EarlyStopping | None = Field(default_factory=EarlyStopping,
-                                                 description="Early stopping; null disables.")
+        default="cosine", description="Learning-rate schedule."
+    )
+    early_stopping: EarlyStopping | None = Field(
+        default_factory=EarlyStopping, description="Early stopping; null disables."
+    )
     mixed_precision: bool = Field(default=True, description="bf16 autocast on a GPU.")
 
 
 class Imbalance(ApiModel):
     """Class-imbalance handling (classification only)."""
 
-    strategy: Literal["none", "class_weights", "oversample", "undersample", "smote",
-                      "focal_loss"] = Field(default="none", description="Technique.")
+    strategy: Literal[
+        "none", "class_weights", "oversample", "undersample", "smote", "focal_loss"
+    ] = Field(default="none", description="Technique.")
     focal_gamma: float = Field(default=2.0, ge=0, le=10, description="Focal-loss gamma.")
-    target_ratio: float = Field(default=1.0, gt=0, le=1,
-                                description="Minority:majority ratio after resampling.")
+    target_ratio: float = Field(
+        default=1.0, gt=0, le=1, description="Minority:majority ratio after resampling."
+    )
 
 
 class SearchParameter(ApiModel):
     """One dimension of the search space."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": validations(
-        cel("self.type == 'categorical' ? has(self.values) && size(self.values) > 0 : "
-            "has(self.min) && has(self.max) && self.min < self.max",
-            "a categorical parameter needs values; a numeric one needs min < max"),
-        cel("!(has(self.log) && self.log) || (has(self.min) && self.min > 0)",
-            "log scale needs min > 0", field_path=".min"),
-    )}
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.type == 'categorical' ? has(self.values) && size(self.values) > 0 : "
+                "has(self.min) && has(self.max) && self.min < self.max",
+                "a categorical parameter needs values; a numeric one needs min < max",
+            ),
+            cel(
+                "!(has(self.log) && self.log) || (has(self.min) && self.min > 0)",
+                "log scale needs min > 0",
+                field_path=".min",
+            ),
+        )
+    }
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=63,
-                                           pattern=r"^[a-z][a-zA-Z0-9_.]*$")] = Field(
-        description="Hyperparameter, e.g. learningRate or model.dropout.")
+    name: Annotated[
+        str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z][a-zA-Z0-9_.]*$")
+    ] = Field(description="Hyperparameter, e.g. learningRate or model.dropout.")
     type: Literal["int", "float", "categorical"] = Field(description="Kind of values.")
     min: float | None = Field(default=None, description="Lower bound (numeric).")
     max: float | None = Field(default=None, description="Upper bound (numeric).")
     step: float | None = Field(default=None, gt=0, description="Grid step (numeric).")
     log: bool = Field(default=False, description="Sample on a log scale.")
     values: list[Annotated[str, StringConstraints(max_length=63)]] | None = Field(
-        default=None, max_length=64, description="Choices (categorical).")
+        default=None, max_length=64, description="Choices (categorical)."
+    )
 
 
 class Objective(ApiModel):
     """What tuning optimises, on the validation split."""
 
     metric: GateMetric = Field(default="f1", description="Metric to optimise.")
-    direction: Literal["maximize", "minimize"] = Field(default="maximize",
-                                                       description="Maximise or minimise.")
+    direction: Literal["maximize", "minimize"] = Field(
+        default="maximize", description="Maximise or minimise."
+    )
 
 
 class Tuning(ApiModel):
     """Hyperparameter search."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": validations(
-        cel("self.maxTrials >= self.parallelTrials", "maxTrials must be >= parallelTrials",
-            field_path=".parallelTrials"),
-        cel("self.algorithm != 'grid' || self.searchSpace.all(p, p.type == 'categorical' || "
-            "has(p.step))", "grid search needs a step on every numeric parameter",
-            field_path=".searchSpace"),
-    )}
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.maxTrials >= self.parallelTrials",
+                "maxTrials must be >= parallelTrials",
+                field_path=".parallelTrials",
+            ),
+            cel(
+                "self.algorithm != 'grid' || self.searchSpace.all(p, p.type == 'categorical' || "
+                "has(p.step))",
+                "grid search needs a step on every numeric parameter",
+                field_path=".searchSpace",
+            ),
+        )
+    }
 
     algorithm: Literal["grid", "random", "bayesian", "hyperband", "asha"] = Field(
-        default="bayesian", description="grid, random, bayesian (TPE), hyperband or asha.")
+        default="bayesian", description="grid, random, bayesian (TPE), hyperband or asha."
+    )
     objective: Objective = Field(default_factory=Objective, description="Objective.")
     max_trials: int = Field(default=20, ge=1, le=1000, description="Trial budget.")
     parallel_trials: int = Field(default=1, ge=1, le=64, description="Trials run at once.")
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Sampler seed.")
     search_space: list[SearchParameter] = Field(
-        min_length=1, max_length=32, description="Dimensions to search (at least one).")
+        min_length=1, max_length=32, description="Dimensions to search (at least one)."
+    )
 
 
 class Gate(ApiModel):
@@ -225,54 +287,69 @@ class Gate(ApiModel):
 class Evaluation(ApiModel):
     """Evaluation and registration gates."""
 
-    gates: list[Gate] = Field(default_factory=list, max_length=16,
-                              description="All must pass or nothing is registered.")
-    learning_curves: bool = Field(default=True,
-                                  description="Record train/validation loss per epoch.")
+    gates: list[Gate] = Field(
+        default_factory=list, max_length=16, description="All must pass or nothing is registered."
+    )
+    learning_curves: bool = Field(
+        default=True, description="Record train/validation loss per epoch."
+    )
 
 
 class Explanation(ApiModel):
     """Global and per-sample explanations, saved as plots."""
 
     method: Literal["none", "shap", "permutation", "integrated_gradients", "gradcam"] = Field(
-        default="permutation", description="Explanation technique.")
-    samples: int = Field(default=100, ge=1, le=100000,
-                         description="Rows (or images) explained.")
+        default="permutation", description="Explanation technique."
+    )
+    samples: int = Field(default=100, ge=1, le=100000, description="Rows (or images) explained.")
 
 
 class Optimization(ApiModel):
     """Post-training optimisation; each variant is kept only within budget."""
 
-    pruning: float = Field(default=0, ge=0, lt=1,
-                           description="Magnitude-pruning sparsity (0 disables).")
+    pruning: float = Field(
+        default=0, ge=0, lt=1, description="Magnitude-pruning sparsity (0 disables)."
+    )
     quantize_int8: bool = Field(default=False, description="int8 dynamic quantisation (torchao).")
     distill_hidden_layers: list[int] = Field(
-        default_factory=list, max_length=8,
-        description="Student architecture for distillation (empty disables).")
-    max_accuracy_drop: float = Field(default=0.005, ge=0, le=1,
-                                     description="Largest objective drop allowed (absolute).")
-    min_speedup: float = Field(default=1.5, ge=1, le=100,
-                               description="Smallest latency speed-up that justifies a variant.")
+        default_factory=list,
+        max_length=8,
+        description="Student architecture for distillation (empty disables).",
+    )
+    max_accuracy_drop: float = Field(
+        default=0.005, ge=0, le=1, description="Largest objective drop allowed (absolute)."
+    )
+    min_speedup: float = Field(
+        default=1.5, ge=1, le=100, description="Smallest latency speed-up that justifies a variant."
+    )
 
 
 class Registration(ApiModel):
     """Where the resulting model is registered."""
 
     model_name: DNSLabel = Field(description="Registered model name for the ModelVersion.")
-    alias: Alias | None = Field(default="candidate",
-                                description="Alias the new version claims.")
+    alias: Alias | None = Field(default="candidate", description="Alias the new version claims.")
     labels: LabelMap = Field(default_factory=dict, description="Labels for the ModelVersion.")
 
 
 class TrainingRunSpec(ApiModel):
     """A training run: compiled into a Kubeflow pipeline and executed."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": validations(
-        cel("self.data.task == 'classification' || self.imbalance.strategy == 'none'",
-            "imbalance handling applies to classification only", field_path=".imbalance"),
-        cel("self.model.family != 'transformer' || self.model.embeddingDim % self.model.heads "
-            "== 0", "embeddingDim must be divisible by heads", field_path=".model.heads"),
-    )}
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.data.task == 'classification' || self.imbalance.strategy == 'none'",
+                "imbalance handling applies to classification only",
+                field_path=".imbalance",
+            ),
+            cel(
+                "self.model.family != 'transformer' || self.model.embeddingDim % self.model.heads "
+                "== 0",
+                "embeddingDim must be divisible by heads",
+                field_path=".model.heads",
+            ),
+        )
+    }
 
     data: DataSource = Field(description="Training data.")
     preprocessing: Preprocessing = Field(default_factory=Preprocessing, description="Cleaning.")
@@ -281,21 +358,29 @@ class TrainingRunSpec(ApiModel):
     tuning: Tuning | None = Field(default=None, description="Hyperparameter search.")
     evaluation: Evaluation = Field(default_factory=Evaluation, description="Gates.")
     explanation: Explanation = Field(default_factory=Explanation, description="Explanations.")
-    optimization: Optimization = Field(default_factory=Optimization,
-                                       description="Optimisation.")
-    resources: ComputeResources = Field(default_factory=ComputeResources,
-                                        description="Resources of the training step.")
+    optimization: Optimization = Field(default_factory=Optimization, description="Optimisation.")
+    resources: ComputeResources = Field(
+        default_factory=ComputeResources, description="Resources of the training step."
+    )
     executor: Literal["default", "local", "kfp"] = Field(
-        default="default", description="local (embedded KFP runner) or kfp; default follows "
-        "the operator's setting.")
+        default="default",
+        description="local (embedded KFP runner) or kfp; default follows the operator's setting.",
+    )
     registration: Registration = Field(description="Model registration.")
-    schedule: Annotated[str, StringConstraints(max_length=64,
-                                               pattern=r"^(@(hourly|daily|weekly|monthly)|(\S+\s+){4}\S+)$")] | None = Field(  # noqa: E501
-        default=None, description="Cron schedule for continuous training.")
+    schedule: (
+        Annotated[
+            str,
+            StringConstraints(
+                max_length=64, pattern=r"^(@(hourly|daily|weekly|monthly)|(\S+\s+){4}\S+)$"
+            ),
+        ]
+        | None
+    ) = Field(default=None, description="Cron schedule for continuous training.")
     caching: bool = Field(default=True, description="Reuse outputs of unchanged steps.")
     retries: int = Field(default=2, ge=0, le=10, description="Retries per failing step.")
     timeout: Annotated[str, StringConstraints(max_length=16, pattern=r"^[0-9]+(s|m|h)$")] = Field(
-        default="2h", description="Deadline of the whole run.")
+        default="2h", description="Deadline of the whole run."
+    )
 
 
 class Trials(ApiModel):
@@ -306,7 +391,8 @@ class Trials(ApiModel):
     pruned: int = Field(default=0, ge=0, description="Trials stopped early.")
     progress: ShortText = Field(default="", description="e.g. 7/20 (for kubectl get).")
     best_params: Annotated[dict[str, ShortText], Field(max_length=32)] = Field(
-        default_factory=dict, description="Best hyperparameters so far.")
+        default_factory=dict, description="Best hyperparameters so far."
+    )
     best_value: float | None = Field(default=None, description="Best objective so far.")
 
 
@@ -323,24 +409,27 @@ class Attempt(ApiModel):
 class TrainingRunStatus(StatusBase):
     """Progress and results of the run."""
 
-    phase: Literal["", "Pending", "Queued", "Compiling", "Running", "Succeeded", "Failed"] = (
-        Field(default="", description="Summary of the run."))
+    phase: Literal["", "Pending", "Queued", "Compiling", "Running", "Succeeded", "Failed"] = Field(
+        default="", description="Summary of the run."
+    )
     attempt: int = Field(default=0, ge=0, description="Current attempt number.")
     spec_hash: Annotated[str, StringConstraints(max_length=64)] = Field(
-        default="", description="Hash of the compiled pipeline.")
+        default="", description="Hash of the compiled pipeline."
+    )
     run_id: ShortText = Field(default="", description="Executor run id.")
     current_step: ShortText = Field(default="", description="Step running now.")
     trials: Trials = Field(default_factory=Trials, description="Tuning progress.")
     metrics: Annotated[dict[MetricName, float], Field(max_length=64)] = Field(
-        default_factory=dict, description="Test-split metrics of the final model.")
+        default_factory=dict, description="Test-split metrics of the final model."
+    )
     best_metric: ShortText = Field(default="", description="e.g. f1=0.97 (for kubectl get).")
-    artifacts: Annotated[dict[ShortText, Annotated[str, StringConstraints(max_length=1024)]],
-                         Field(max_length=32)] = Field(
-        default_factory=dict, description="Artifact URIs: model, metrics, plots, report.")
-    model_version: DNSLabel | None = Field(default=None,
-                                           description="ModelVersion registered.")
-    history: list[Attempt] = Field(default_factory=list, max_length=20,
-                                   description="Earlier attempts, newest last.")
+    artifacts: Annotated[
+        dict[ShortText, Annotated[str, StringConstraints(max_length=1024)]], Field(max_length=32)
+    ] = Field(default_factory=dict, description="Artifact URIs: model, metrics, plots, report.")
+    model_version: DNSLabel | None = Field(default=None, description="ModelVersion registered.")
+    history: list[Attempt] = Field(
+        default_factory=list, max_length=20, description="Earlier attempts, newest last."
+    )
     started_at: ShortText = Field(default="", description="Start of the current attempt.")
     completed_at: ShortText = Field(default="", description="End of the current attempt.")
     last_scheduled_at: ShortText = Field(default="", description="Last cron-triggered start.")
@@ -352,7 +441,6 @@ class TrainingRun(Resource):
         plural="trainingruns",
         short_names=("tr",),
         description="Trains, tunes, evaluates, explains, optimises and registers a model.",
-        root_rules=(NAME_RULE,),
         columns=(
             PrinterColumn("Phase", ".status.phase"),
             PrinterColumn("Step", ".status.currentStep"),

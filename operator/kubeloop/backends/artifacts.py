@@ -30,8 +30,9 @@ def _observe_file(path: Path) -> ArtifactObservation:
     return ArtifactObservation(exists=True, sha256=digest(path))
 
 
-async def observe(uri: str, namespace: str, kube: KubeClient, *,
-                  verify_local: bool) -> ArtifactObservation:
+async def observe(
+    uri: str, namespace: str, kube: KubeClient, *, verify_local: bool
+) -> ArtifactObservation:
     if uri.startswith("file://"):
         if not verify_local:
             return ArtifactObservation()
@@ -43,6 +44,7 @@ async def observe(uri: str, namespace: str, kube: KubeClient, *,
         except NotFound:
             return ArtifactObservation(
                 exists=False,
-                detail=f"PersistentVolumeClaim {claim!r} not found in namespace {namespace!r}")
+                detail=f"PersistentVolumeClaim {claim!r} not found in namespace {namespace!r}",
+            )
         return ArtifactObservation()  # the claim exists; its files are not visible from here
     return ArtifactObservation()  # object stores: checked by whoever loads the model

@@ -12,7 +12,7 @@ import os
 import ssl
 import tempfile
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,8 +32,9 @@ class Kind:
     version: str
     plural: str
 
-    def path(self, namespace: str | None = None, name: str | None = None,
-             subresource: str | None = None) -> str:
+    def path(
+        self, namespace: str | None = None, name: str | None = None, subresource: str | None = None
+    ) -> str:
         base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
         parts = [base]
         if namespace:
@@ -115,8 +116,9 @@ def _write_secret(path: str, data: str | bytes) -> None:
 def connection_info() -> kopf.ConnectionInfo:
     """Credentials the way kopf finds them: in-cluster service account, else kubeconfig."""
     settings = kopf.OperatorSettings()
-    info = (kopf.login_with_service_account(settings=settings)
-            or kopf.login_with_kubeconfig(settings=settings))
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
+        settings=settings
+    )
     if info is None:
         raise kopf.LoginError("no service account and no kubeconfig found")
     return info
@@ -125,8 +127,9 @@ def connection_info() -> kopf.ConnectionInfo:
 class KubeClient:
     """Async client for the few verbs the operator needs."""
 
-    def __init__(self, info: kopf.ConnectionInfo, *, field_manager: str = "kubeloop",
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self, info: kopf.ConnectionInfo, *, field_manager: str = "kubeloop", timeout: float = 30.0
+    ) -> None:
         self._server = info.server.rstrip("/")
         self._headers = {"Accept": "application/json", **info.as_http_headers()}
         self._ssl = _ssl_context(info)
@@ -148,12 +151,21 @@ class KubeClient:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                headers=self._headers, timeout=self._timeout,
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64))
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
+            )
         return self._session
 
-    async def request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-                      body: Any = None, content_type: str = "application/json") -> Body:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> Body:
         url = self._server + path
         if params:
             url += "?" + urllib.parse.urlencode(params)
@@ -169,35 +181,88 @@ class KubeClient:
     async def get(self, kind: Kind, namespace: str | None, name: str) -> Body:
         return await self.request("GET", kind.path(namespace, name))
 
-    async def list(self, kind: Kind, namespace: str | None = None, *,
-                   label_selector: str | None = None) -> list[Body]:
+    async def list(
+        self, kind: Kind, namespace: str | None = None, *, label_selector: str | None = None
+    ) -> list[Body]:
         params = {"labelSelector": label_selector} if label_selector else None
-        items: list[Body] = (await self.request("GET", kind.path(namespace),
-                                                params=params)).get("items", [])
+        items: list[Body] = (await self.request("GET", kind.path(namespace), params=params)).get(
+            "items", []
+        )
         return items
+
+    async def watch(
+        self,
+        kind: Kind,
+        namespace: str | None,
+        *,
+        resource_version: str = "",
+        timeout_seconds: int = 300,
+    ) -> AsyncIterator[tuple[str, Body]]:
+        """Stream (event type, object) pairs until the server closes the watch."""
+        params = {
+            "watch": "1",
+            "timeoutSeconds": str(timeout_seconds),
+            "allowWatchBookmarks": "false",
+        }
+        if resource_version:
+            params["resourceVersion"] = resource_version
+        url = self._server + kind.path(namespace) + "?" + urllib.parse.urlencode(params)
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30)
+        async with self._client().get(url, timeout=timeout) as resp:
+            if resp.status >= 400:
+                text = await resp.text()
+                raise _error(resp.status, json.loads(text) if text else {}, text)
+            async for line in resp.content:
+                if line.strip():
+                    event = json.loads(line)
+                    yield event["type"], event["object"]
 
     async def create(self, kind: Kind, namespace: str | None, body: Body) -> Body:
         return await self.request("POST", kind.path(namespace), body=body)
 
-    async def apply(self, kind: Kind, namespace: str | None, body: Body, *,
-                    subresource: str | None = None, force: bool = True) -> Body:
+    async def apply(
+        self,
+        kind: Kind,
+        namespace: str | None,
+        body: Body,
+        *,
+        subresource: str | None = None,
+        force: bool = True,
+    ) -> Body:
         """Server-side apply: idempotent create-or-update owned by our field manager."""
         name = body["metadata"]["name"]
         params = {"fieldManager": self.field_manager, "force": "true" if force else "false"}
-        return await self.request("PATCH", kind.path(namespace, name, subresource),
-                                  params=params, body=body,
-                                  content_type="application/apply-patch+yaml")
+        return await self.request(
+            "PATCH",
+            kind.path(namespace, name, subresource),
+            params=params,
+            body=body,
+            content_type="application/apply-patch+yaml",
+        )
 
-    async def patch(self, kind: Kind, namespace: str | None, name: str, patch: Any, *,
-                    patch_type: PatchType = "merge", subresource: str | None = None) -> Body:
-        return await self.request("PATCH", kind.path(namespace, name, subresource),
-                                  params={"fieldManager": self.field_manager}, body=patch,
-                                  content_type=_CONTENT_TYPES[patch_type])
+    async def patch(
+        self,
+        kind: Kind,
+        namespace: str | None,
+        name: str,
+        patch: Any,
+        *,
+        patch_type: PatchType = "merge",
+        subresource: str | None = None,
+    ) -> Body:
+        return await self.request(
+            "PATCH",
+            kind.path(namespace, name, subresource),
+            params={"fieldManager": self.field_manager},
+            body=patch,
+            content_type=_CONTENT_TYPES[patch_type],
+        )
 
     async def delete(self, kind: Kind, namespace: str | None, name: str) -> None:
         try:
-            await self.request("DELETE", kind.path(namespace, name),
-                               body={"propagationPolicy": "Background"})
+            await self.request(
+                "DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"}
+            )
         except NotFound:
             return
 
@@ -212,5 +277,11 @@ def _error(status: int, payload: Body, text: str) -> ApiError:
 def owner_reference(owner: Mapping[str, Any], *, controller: bool = True) -> Body:
     """An ownerReference to ``owner`` so that garbage collection removes the child."""
     meta = owner["metadata"]
-    return {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": meta["name"],
-            "uid": meta["uid"], "controller": controller, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": controller,
+        "blockOwnerDeletion": True,
+    }

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import functools
 import time
@@ -58,13 +57,16 @@ def describe_validation_error(error: pydantic.ValidationError) -> tuple[str, str
 def _fail_ready(body: Mapping[str, Any], patch: kopf.Patch, reason: str, message: str) -> None:
     meta = body.get("metadata", {})
     generation = int(meta.get("generation", 0))
-    existing = [Condition.model_validate(c)
-                for c in (body.get("status") or {}).get("conditions", [])]
+    existing = [
+        Condition.model_validate(c) for c in (body.get("status") or {}).get("conditions", [])
+    ]
     now = dt.datetime.now(dt.UTC)
-    conds = set_condition(existing, reasons.READY, "False", reason, message,
-                          generation=generation, now=now)
-    conds = set_condition(conds, reasons.DEGRADED, "True", reason, message,
-                          generation=generation, now=now)
+    conds = set_condition(
+        existing, reasons.READY, "False", reason, message, generation=generation, now=now
+    )
+    conds = set_condition(
+        conds, reasons.DEGRADED, "True", reason, message, generation=generation, now=now
+    )
     patch.status["conditions"] = [c.model_dump(by_alias=True) for c in conds]
     patch.status["observedGeneration"] = generation
     patch.status["phase"] = "Failed"
@@ -85,7 +87,7 @@ def reconciler(kind: str) -> Callable[[Handler], Handler]:
                 return value
             except pydantic.ValidationError as exc:
                 result = "invalid"
-                field, message = describe_validation_error(exc)
+                _field, message = describe_validation_error(exc)
                 _fail_ready(body, patch, reasons.INVALID_SPEC, message)
                 events.post(body, "Warning", reasons.INVALID_SPEC, message)
                 raise kopf.PermanentError(message) from exc
@@ -100,10 +102,11 @@ def reconciler(kind: str) -> Callable[[Handler], Handler]:
                     raise kopf.PermanentError(str(exc)) from exc
                 result = "retry"
                 raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 result = "retry"
-                raise kopf.TemporaryError(f"API unreachable: {exc!r}",
-                                          delay=backoff(retry)) from exc
+                raise kopf.TemporaryError(
+                    f"API unreachable: {exc!r}", delay=backoff(retry)
+                ) from exc
             except kopf.TemporaryError:
                 result = "retry"
                 raise

@@ -6,7 +6,7 @@ The one place handlers post Events (kopf queues and posts them in the background
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import kopf
 
@@ -14,4 +14,5 @@ EventType = Literal["Normal", "Warning"]
 
 
 def post(body: Mapping[str, Any], type_: EventType | str, reason: str, message: str) -> None:
-    kopf.event(dict(body), type=type_, reason=reason, message=message[:1024])
+    # kopf reads only apiVersion/kind/metadata from the body: any mapping will do.
+    kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message[:1024])

@@ -4,6 +4,7 @@ model, keeps the per-model index ConfigMap, becomes Ready."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import kopf
@@ -11,81 +12,118 @@ import kopf
 from kubeloop import GROUP, VERSION, reasons
 from kubeloop.api.model_version import ModelVersion
 from kubeloop.backends import artifacts
-from kubeloop.backends.kube import MODEL_VERSIONS, Conflict, Kind, KubeClient
+from kubeloop.backends.kube import MODEL_VERSIONS, Conflict, KubeClient
 from kubeloop.handlers import events
 from kubeloop.handlers.errors import parse, reconciler
 from kubeloop.handlers.runtime import Runtime, runtime
 from kubeloop.planning import model_version as plan
+from kubeloop.planning.model_version import VersionEntry
 
-CONFIGMAPS = Kind("", "v1", "configmaps")
-
-
-async def _siblings(kube: KubeClient, namespace: str, model_name: str) -> list[ModelVersion]:
-    items = await kube.request(
-        "GET", MODEL_VERSIONS.path(namespace),
-        params={"fieldSelector": f"spec.modelName={model_name}"})
-    return [ModelVersion.model_validate(item) for item in items.get("items", [])]
+ModelKey = tuple[str, str]  # (namespace, model name)
 
 
-async def _take_aliases(kube: KubeClient, holder: ModelVersion, lost: list[str]) -> None:
+@kopf.index(GROUP, VERSION, "modelversions")
+def versions_by_model(body: kopf.Body, **_: Any) -> dict[ModelKey, VersionEntry]:
+    """Every version of every model, kept current from the watch stream (no LIST calls)."""
+    key = (body["metadata"]["namespace"], body.get("spec", {}).get("modelName", ""))
+    return {key: VersionEntry.from_body(body)}
+
+
+def _entries(index: kopf.Index[ModelKey, VersionEntry]) -> Any:
+    def entries(namespace: str, model: str) -> Iterable[VersionEntry]:
+        return list(index.get((namespace, model), []))
+
+    return entries
+
+
+async def _take_aliases(
+    kube: KubeClient, namespace: str, holder: VersionEntry, lost: Sequence[str]
+) -> None:
     """Remove ``lost`` aliases from another version's spec, guarded by its resourceVersion
-    (a concurrent change makes this 409 and the whole reconcile retries)."""
-    keep = [a for a in holder.spec.aliases if a not in lost]
-    await kube.patch(MODEL_VERSIONS, holder.namespace, holder.name, {
-        "metadata": {"resourceVersion": holder.metadata.resource_version},
-        "spec": {"aliases": keep},
-    })
+    (if it changed meanwhile this is a 409 and the whole reconcile retries)."""
+    keep = [a for a in holder.aliases if a not in lost]
+    await kube.patch(
+        MODEL_VERSIONS,
+        namespace,
+        holder.name,
+        {
+            "metadata": {"resourceVersion": holder.resource_version},
+            "spec": {"aliases": keep},
+        },
+    )
 
 
-async def _write_index(rt: Runtime, namespace: str, model_name: str,
-                       versions: list[ModelVersion]) -> None:
-    live = [v for v in versions if not v.metadata.deletion_timestamp]
-    if not live:
-        return  # garbage collection removes the index with its last owner
-    await rt.kube.apply(CONFIGMAPS, namespace,
-                        plan.build_registry_index(model_name, namespace, live))
+async def _fresh_siblings(kube: KubeClient, namespace: str, model: str) -> list[VersionEntry]:
+    items = await kube.request(
+        "GET", MODEL_VERSIONS.path(namespace), params={"fieldSelector": f"spec.modelName={model}"}
+    )
+    return [VersionEntry.from_body(item) for item in items.get("items", [])]
+
+
+async def _claim_aliases(
+    rt: Runtime, mv: ModelVersion, index: kopf.Index[ModelKey, VersionEntry], attempts: int = 5
+) -> tuple[ModelVersion, list[str]]:
+    """Take the aliases ``mv`` claims from their previous holders.
+
+    Alias moves are decided one at a time per model, on a fresh read of the claimant: its own
+    claim may have been revoked by a reconcile that ran while this one queued. A holder that
+    changed meanwhile answers 409; like client-go's RetryOnConflict, retry at once against
+    fresh reads instead of failing the handler. Returns the fresh claimant and Event messages.
+    """
+    key = (mv.namespace, mv.spec.model_name)
+    siblings: list[VersionEntry] = list(index.get(key, []))
+    async with rt.lock(*key):
+        for _ in range(attempts):
+            mv = parse(ModelVersion, await rt.kube.get(MODEL_VERSIONS, mv.namespace, mv.name))
+            holders = {e.name: e for e in siblings}
+            messages = []
+            try:
+                for name, lost in plan.alias_removals(mv, siblings).items():
+                    await _take_aliases(rt.kube, mv.namespace, holders[name], lost)
+                    messages.append(
+                        f"{', '.join(lost)} of {mv.spec.model_name} moved from {name} to {mv.name}"
+                    )
+                return mv, messages
+            except Conflict:
+                siblings = await _fresh_siblings(rt.kube, *key)
+    raise kopf.TemporaryError(f"aliases of {mv.spec.model_name} kept changing", delay=1)
 
 
 @kopf.on.resume(GROUP, VERSION, "modelversions")
 @kopf.on.create(GROUP, VERSION, "modelversions")
 @kopf.on.update(GROUP, VERSION, "modelversions")
 @reconciler("ModelVersion")
-async def reconcile_model_version(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
-                                  **_: Any) -> None:
-    seen = parse(ModelVersion, body)
+async def reconcile_model_version(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    versions_by_model: kopf.Index[ModelKey, VersionEntry],
+    **_: Any,
+) -> None:
+    mv = parse(ModelVersion, body)
     rt = runtime(memo)
-    ns, model_name = seen.namespace, seen.spec.model_name
-    now = dt.datetime.now(dt.UTC)
-    # One lock per registered model: alias moves and the index are decided on fresh objects
-    # read under it, so concurrent claims serialise and exactly one holder remains.
-    async with rt.lock(ns, model_name):
-        siblings = await _siblings(rt.kube, ns, model_name)
-        mv = next((s for s in siblings if s.name == seen.name), seen)
-        policy = plan.artifact_policy_problem(
-            mv.spec.artifact.uri, ns, artifact_root=str(rt.settings.artifact_root),
-            object_store_prefix=rt.settings.object_store_prefix)
-        observed = plan.ArtifactObservation()
-        if policy is None:
-            observed = await artifacts.observe(mv.spec.artifact.uri, ns, rt.kube,
-                                               verify_local=rt.settings.verify_local_artifacts)
-        duplicate = plan.duplicate_of(mv, siblings)
-        result = plan.plan_model_version(mv, policy=policy, artifact=observed,
-                                         duplicate=duplicate, now=now)
-        if result.problem is None:
-            removals = plan.alias_removals(mv, siblings)
-            try:
-                for name, lost in removals.items():
-                    holder = next(s for s in siblings if s.name == name)
-                    await _take_aliases(rt.kube, holder, lost)
-                    message = (f"{', '.join(lost)} of {model_name} moved from {name} to "
-                               f"{mv.name}")
-                    result.events.append(("Normal", reasons.ALIAS_MOVED, message))
-            except Conflict as exc:
-                raise kopf.TemporaryError(f"alias holder changed meanwhile: {exc}",
-                                          delay=0.5) from exc
-            if removals:
-                siblings = await _siblings(rt.kube, ns, model_name)
-        await _write_index(rt, ns, model_name, siblings)
+    rt.index_writer.entries = _entries(versions_by_model)
+    ns = mv.namespace
+    policy = plan.artifact_policy_problem(
+        mv.spec.artifact.uri,
+        ns,
+        artifact_root=str(rt.settings.artifact_root),
+        object_store_prefix=rt.settings.object_store_prefix,
+    )
+    observed = plan.ArtifactObservation()
+    if policy is None:
+        observed = await artifacts.observe(
+            mv.spec.artifact.uri, ns, rt.kube, verify_local=rt.settings.verify_local_artifacts
+        )
+    moved: list[str] = []
+    if mv.spec.aliases and policy is None and plan.identity_problem(mv) is None:
+        mv, moved = await _claim_aliases(rt, mv, versions_by_model)
+    result = plan.plan_model_version(
+        mv, policy=policy, artifact=observed, now=dt.datetime.now(dt.UTC)
+    )
+    if result.problem is None:
+        result.events += [("Normal", reasons.ALIAS_MOVED, m) for m in moved]
+    rt.index_writer.schedule(ns, mv.spec.model_name)
 
     patch.status.update(result.status.model_dump(by_alias=True, mode="json"))
     for type_, reason, message in result.events:
@@ -96,13 +134,10 @@ async def reconcile_model_version(body: kopf.Body, patch: kopf.Patch, memo: kopf
         raise kopf.PermanentError(result.problem.message)
 
 
-@kopf.on.delete(GROUP, VERSION, "modelversions")
-@reconciler("ModelVersion")
-async def release_model_version(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Drop the deleted version from its model's index (its aliases go with it)."""
-    mv = parse(ModelVersion, body)
+@kopf.on.event(GROUP, VERSION, "modelversions", when=lambda type, **_: type == "DELETED")
+async def forget_model_version(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Drop a deleted version from its model's index (no finalizer needed: the index is
+    derived state and garbage collection removes it with the last version)."""
     rt = runtime(memo)
-    async with rt.lock(mv.namespace, mv.spec.model_name):
-        siblings = await _siblings(rt.kube, mv.namespace, mv.spec.model_name)
-        await _write_index(rt, mv.namespace, mv.spec.model_name,
-                           [s for s in siblings if s.name != mv.name])
+    rt.index_writer.entries = _entries(kwargs["versions_by_model"])
+    rt.index_writer.schedule(body["metadata"]["namespace"], body["spec"]["modelName"])

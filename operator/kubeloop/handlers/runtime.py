@@ -12,15 +12,20 @@ import kopf
 import prometheus_client
 
 from kubeloop.backends.kube import KubeClient, connection_info
+from kubeloop.handlers.registry_index import RegistryIndexWriter
 from kubeloop.settings import Settings
 
 FINALIZER = "kubeloop.dev/finalizer"
 
 RECONCILES = prometheus_client.Counter(
-    "kubeloop_reconcile_total", "Reconciliations by kind and result.", ["kind", "result"])
+    "kubeloop_reconcile_total", "Reconciliations by kind and result.", ["kind", "result"]
+)
 RECONCILE_SECONDS = prometheus_client.Histogram(
-    "kubeloop_reconcile_duration_seconds", "Reconciliation latency by kind.", ["kind"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    "kubeloop_reconcile_duration_seconds",
+    "Reconciliation latency by kind.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 
 
 @dataclass
@@ -29,8 +34,10 @@ class Runtime:
 
     settings: Settings
     kube: KubeClient
+    index_writer: RegistryIndexWriter
     locks: defaultdict[tuple[str, ...], asyncio.Lock] = field(
-        default_factory=lambda: defaultdict(asyncio.Lock))
+        default_factory=lambda: defaultdict(asyncio.Lock)
+    )
 
     def lock(self, *key: str) -> asyncio.Lock:
         return self.locks[key]
@@ -45,7 +52,8 @@ def configure_kopf(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubeloop.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubeloop.dev", key="last-handled-configuration")
+        prefix="kubeloop.dev", key="last-handled-configuration"
+    )
     settings.watching.server_timeout = cfg.watch_server_timeout
     settings.watching.client_timeout = cfg.watch_client_timeout
     # Our Events are explicit (kopf.event); only warnings from logs become Events.
@@ -54,15 +62,23 @@ def configure_kopf(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     settings.networking.connect_timeout = 10
 
 
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches and our client authenticate the same way (service account, else
+    kubeconfig), decided when the operator starts rather than when kopf was imported."""
+    return connection_info()
+
+
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger,
-                  **_: Any) -> None:
+async def startup(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
     cfg = Settings()
     configure_kopf(settings, cfg)
-    memo["runtime"] = Runtime(cfg, KubeClient(connection_info(),
-                                              field_manager=cfg.field_manager))
+    kube = KubeClient(connection_info(), field_manager=cfg.field_manager)
+    memo["runtime"] = Runtime(cfg, kube, RegistryIndexWriter(kube))
     if cfg.metrics_port:
-        prometheus_client.start_http_server(cfg.metrics_port, addr="0.0.0.0")  # noqa: S104
+        prometheus_client.start_http_server(cfg.metrics_port, addr="0.0.0.0")
         logger.info("operator metrics on :%d/metrics", cfg.metrics_port)
 
 

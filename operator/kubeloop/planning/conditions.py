@@ -32,7 +32,8 @@ def set_condition(
         status=status,
         reason=reason,
         message=message[:32768],
-        last_transition_time=rfc3339(now) if moved or previous is None
+        last_transition_time=rfc3339(now)
+        if moved or previous is None
         else previous.last_transition_time,
         observed_generation=generation,
     )

@@ -1,19 +1,52 @@
-"""The registry's decisions: artifact policy, alias ownership, duplicate versions, status."""
+"""The registry's decisions: artifact policy, alias ownership, status, the model index.
+
+A version's identity is its name (``<model>-v<version>``), so the API server itself refuses a
+second registration of the same version.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from kubeloop import reasons
-from kubeloop.api.model_version import Alias, ModelVersion, ModelVersionStatus
+from kubeloop import API_VERSION, reasons
+from kubeloop.api.model_version import ModelVersion, ModelVersionStatus
 from kubeloop.planning.conditions import set_condition
 from kubeloop.planning.naming import registry_index_name
 
 PRIMARY_METRICS = ("f1", "accuracy", "roc_auc", "r2", "mse", "mae")
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """What the registry index keeps of each version (from the watch stream)."""
+
+    name: str
+    uid: str
+    resource_version: str
+    version: int
+    uri: str
+    aliases: tuple[str, ...]
+    metrics: tuple[tuple[str, float], ...]
+    deleting: bool = False
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> VersionEntry:
+        meta, spec = body["metadata"], body.get("spec", {})
+        return cls(
+            name=meta["name"],
+            uid=meta.get("uid", ""),
+            resource_version=meta.get("resourceVersion", ""),
+            version=int(spec.get("version", 0)),
+            uri=spec.get("artifact", {}).get("uri", ""),
+            aliases=tuple(spec.get("aliases", [])),
+            metrics=tuple(sorted(spec.get("metrics", {}).items())),
+            deleting=bool(meta.get("deletionTimestamp")),
+        )
 
 
 @dataclass(frozen=True)
@@ -32,23 +65,49 @@ class Problem:
     retry: bool  # True: may heal by itself (retry later); False: needs a spec change
 
 
-def artifact_policy_problem(uri: str, namespace: str, *, artifact_root: str,
-                            object_store_prefix: str) -> Problem | None:
+def artifact_policy_problem(
+    uri: str, namespace: str, *, artifact_root: str, object_store_prefix: str
+) -> Problem | None:
     """Tenancy rule: artifacts live under a per-namespace prefix."""
     if uri.startswith("file://"):
         path = PurePosixPath(uri.removeprefix("file://"))
         root = PurePosixPath(artifact_root) / namespace
         if ".." in path.parts or not path.is_relative_to(root):
-            return Problem(reasons.ARTIFACT_OUTSIDE_TENANT,
-                           f"spec.artifact.uri {uri!r} must lie under file://{root}/ "
-                           "(each namespace owns its own artifact prefix)", retry=False)
+            return Problem(
+                reasons.ARTIFACT_OUTSIDE_TENANT,
+                f"spec.artifact.uri {uri!r} must lie under file://{root}/ "
+                "(each namespace owns its own artifact prefix)",
+                retry=False,
+            )
     elif uri.startswith(("s3://", "gs://")) and object_store_prefix:
         scheme = uri.split("://", 1)[0]
         prefix = object_store_prefix.split("://", 1)[-1].rstrip("/")
         wanted = f"{scheme}://{prefix}/{namespace}/"
         if not uri.startswith(wanted):
-            return Problem(reasons.ARTIFACT_OUTSIDE_TENANT,
-                           f"spec.artifact.uri {uri!r} must lie under {wanted}", retry=False)
+            return Problem(
+                reasons.ARTIFACT_OUTSIDE_TENANT,
+                f"spec.artifact.uri {uri!r} must lie under {wanted}",
+                retry=False,
+            )
+    return None
+
+
+def expected_name(model_name: str, version: int) -> str:
+    return f"{model_name}-v{version}"
+
+
+def identity_problem(mv: ModelVersion) -> Problem | None:
+    """A version's identity is its name, so the API server itself refuses registering the
+    same version twice. (Checked here: a CEL rule comparing metadata.name with spec fields
+    exceeds the API server's cost budget, as metadata.name counts as unbounded.)"""
+    wanted = expected_name(mv.spec.model_name, mv.spec.version)
+    if mv.name != wanted:
+        return Problem(
+            reasons.INVALID_NAME,
+            f"metadata.name {mv.name!r} must be {wanted!r} (<spec.modelName>-v<spec.version>): "
+            "one object per model version",
+            retry=False,
+        )
     return None
 
 
@@ -56,44 +115,39 @@ def artifact_problem(mv: ModelVersion, seen: ArtifactObservation) -> Problem | N
     """Existence and digest of the artifact, where the operator could look."""
     uri = mv.spec.artifact.uri
     if seen.exists is False:
-        return Problem(reasons.ARTIFACT_NOT_FOUND,
-                       f"spec.artifact.uri {uri!r}: {seen.detail or 'not found'}", retry=True)
+        return Problem(
+            reasons.ARTIFACT_NOT_FOUND,
+            f"spec.artifact.uri {uri!r}: {seen.detail or 'not found'}",
+            retry=True,
+        )
     wanted = mv.spec.artifact.sha256
     if wanted and seen.sha256 and wanted != seen.sha256:
-        return Problem(reasons.ARTIFACT_DIGEST_MISMATCH,
-                       f"spec.artifact.sha256 is {wanted} but the artifact at {uri} hashes to "
-                       f"{seen.sha256}", retry=False)
+        return Problem(
+            reasons.ARTIFACT_DIGEST_MISMATCH,
+            f"spec.artifact.sha256 is {wanted} but the artifact at {uri} hashes to {seen.sha256}",
+            retry=False,
+        )
     return None
 
 
-def _created(mv: ModelVersion) -> tuple[str, str]:
-    return (mv.metadata.creation_timestamp or "", mv.name)
-
-
-def duplicate_of(mv: ModelVersion, siblings: list[ModelVersion]) -> ModelVersion | None:
-    """An older ModelVersion with the same model name and version number, if any."""
-    older = [s for s in siblings if s.name != mv.name and s.spec.version == mv.spec.version
-             and _created(s) < _created(mv)]
-    return min(older, key=_created) if older else None
-
-
-def alias_removals(claimant: ModelVersion, siblings: list[ModelVersion]) -> dict[str, list[Alias]]:
+def alias_removals(claimant: ModelVersion, others: Iterable[VersionEntry]) -> dict[str, list[str]]:
     """Aliases other versions must give up because ``claimant`` claims them.
 
-    Called under the per-model lock with fresh objects, so the last claim processed wins and
-    exactly one holder remains whatever the interleaving of concurrent updates.
+    Called under the per-model lock with the claimant read fresh, so the last claim processed
+    wins and exactly one holder remains whatever the interleaving of concurrent updates
+    (removals are guarded by the holder's resourceVersion).
     """
-    removals: dict[str, list[Alias]] = {}
-    for sibling in siblings:
-        if sibling.name == claimant.name:
+    removals: dict[str, list[str]] = {}
+    for entry in others:
+        if entry.name == claimant.name:
             continue
-        lost = [a for a in sibling.spec.aliases if a in claimant.spec.aliases]
+        lost = [str(a) for a in entry.aliases if a in claimant.spec.aliases]
         if lost:
-            removals[sibling.name] = lost
+            removals[entry.name] = lost
     return removals
 
 
-def primary_metric(metrics: dict[str, float]) -> str:
+def primary_metric(metrics: Mapping[str, float]) -> str:
     for name in PRIMARY_METRICS:
         if name in metrics:
             return f"{name}={metrics[name]:.4g}"
@@ -115,7 +169,6 @@ def plan_model_version(
     *,
     policy: Problem | None,
     artifact: ArtifactObservation,
-    duplicate: ModelVersion | None,
     now: dt.datetime,
 ) -> VersionPlan:
     """Status of one ModelVersion given what was observed."""
@@ -123,20 +176,24 @@ def plan_model_version(
     status = mv.status.model_copy(deep=True)
     status.observed_generation = gen
     status.primary_metric = primary_metric(mv.spec.metrics)
-    problem = policy or artifact_problem(mv, artifact)
-    if problem is None and duplicate is not None:
-        problem = Problem(reasons.DUPLICATE_VERSION,
-                          f"spec.version {mv.spec.version} of model {mv.spec.model_name!r} is "
-                          f"already registered as ModelVersion {duplicate.name!r}", retry=False)
+    problem = identity_problem(mv) or policy or artifact_problem(mv, artifact)
     conds = status.conditions
     if problem is not None:
         status.phase = "Pending" if problem.retry else "Failed"
         status.aliases = []
         status.artifact_verified = False
-        conds = set_condition(conds, reasons.READY, "False", problem.reason, problem.message,
-                              generation=gen, now=now)
-        conds = set_condition(conds, reasons.DEGRADED, "True", problem.reason, problem.message,
-                              generation=gen, now=now)
+        conds = set_condition(
+            conds, reasons.READY, "False", problem.reason, problem.message, generation=gen, now=now
+        )
+        conds = set_condition(
+            conds,
+            reasons.DEGRADED,
+            "True",
+            problem.reason,
+            problem.message,
+            generation=gen,
+            now=now,
+        )
         status.conditions = conds
         return VersionPlan(status, problem, [("Warning", problem.reason, problem.message)])
 
@@ -150,32 +207,49 @@ def plan_model_version(
         reason = reasons.ARTIFACT_UNVERIFIED
         message = f"registered; {mv.spec.artifact.uri} is not readable from the operator"
     conds = set_condition(conds, reasons.READY, "True", reason, message, generation=gen, now=now)
-    conds = set_condition(conds, reasons.DEGRADED, "False", reasons.RECONCILED, "",
-                          generation=gen, now=now)
+    conds = set_condition(
+        conds, reasons.DEGRADED, "False", reasons.RECONCILED, "", generation=gen, now=now
+    )
     status.conditions = conds
     events = []
     if mv.status.phase != "Ready":
-        events.append(("Normal", reasons.REGISTERED,
-                       f"{mv.spec.model_name} v{mv.spec.version} registered ({message})"))
+        events.append(
+            (
+                "Normal",
+                reasons.REGISTERED,
+                f"{mv.spec.model_name} v{mv.spec.version} registered ({message})",
+            )
+        )
     gained = sorted(set(status.aliases) - set(mv.status.aliases))
     if gained:
-        events.append(("Normal", reasons.ALIAS_CLAIMED,
-                       f"now holds {', '.join(gained)} for {mv.spec.model_name}"))
+        events.append(
+            (
+                "Normal",
+                reasons.ALIAS_CLAIMED,
+                f"now holds {', '.join(gained)} for {mv.spec.model_name}",
+            )
+        )
     return VersionPlan(status, None, events)
 
 
-def build_registry_index(model_name: str, namespace: str,
-                         versions: list[ModelVersion]) -> dict[str, Any]:
+def build_registry_index(
+    model_name: str, namespace: str, versions: Iterable[VersionEntry]
+) -> dict[str, Any]:
     """The ConfigMap indexing a model's versions and alias holders (owned by every version,
     so garbage collection removes it with the last one)."""
-    ordered = sorted(versions, key=lambda v: (v.spec.version, v.name))
-    aliases = {a: v.name for v in ordered for a in v.spec.aliases}
+    ordered = sorted((v for v in versions if not v.deleting), key=lambda v: (v.version, v.name))
+    aliases = {a: v.name for v in ordered for a in v.aliases}
     index = {
         "model": model_name,
         "aliases": dict(sorted(aliases.items())),
         "versions": [
-            {"name": v.name, "version": v.spec.version, "uri": v.spec.artifact.uri,
-             "aliases": list(v.spec.aliases), "metrics": v.spec.metrics}
+            {
+                "name": v.name,
+                "version": v.version,
+                "uri": v.uri,
+                "aliases": list(v.aliases),
+                "metrics": dict(v.metrics),
+            }
             for v in ordered
         ],
     }
@@ -185,13 +259,21 @@ def build_registry_index(model_name: str, namespace: str,
         "metadata": {
             "name": registry_index_name(model_name),
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/managed-by": "kubeloop",
-                       "kubeloop.dev/model-name": model_name},
+            "labels": {
+                "app.kubernetes.io/managed-by": "kubeloop",
+                "kubeloop.dev/model-name": model_name,
+            },
             "ownerReferences": [
-                {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "ModelVersion",
-                 "name": v.name, "uid": v.metadata.uid, "controller": False,
-                 "blockOwnerDeletion": False}
-                for v in ordered if v.metadata.uid
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "ModelVersion",
+                    "name": v.name,
+                    "uid": v.uid,
+                    "controller": False,
+                    "blockOwnerDeletion": False,
+                }
+                for v in ordered
+                if v.uid
             ],
         },
         "data": {"index.json": json.dumps(index, indent=2, sort_keys=True)},

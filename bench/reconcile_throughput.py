@@ -1,0 +1,202 @@
+"""Reconcile throughput: 1,000 ModelVersions created against the real API server.
+
+Baseline (the limit): the raw API-server create rate for the same objects, same client,
+same concurrency, measured in the same run with no operator watching.
+Measured: operator-inclusive throughput (first create → last Ready), create→Ready latency
+p50/p99, and the operator's peak RSS.
+
+    make bench            # or: .venv/bin/python bench/reconcile_throughput.py --count 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from kubeloop.backends.kube import MODEL_VERSIONS, NAMESPACES, KubeClient, connection_info
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from hack.cluster import cluster as cluster_mod  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def manifest(i: int) -> dict[str, Any]:
+    model, number = f"m{i // 10:04d}", i % 10 + 1
+    return {
+        "apiVersion": "kubeloop.dev/v1alpha1",
+        "kind": "ModelVersion",
+        "metadata": {"name": f"{model}-v{number}"},
+        "spec": {
+            "modelName": model,
+            "version": number,
+            "artifact": {"uri": f"s3://bench/{model}/{number}"},
+            "metrics": {"f1": 0.9},
+        },
+    }
+
+
+async def create_all(
+    kube: KubeClient, namespace: str, count: int, concurrency: int
+) -> dict[str, float]:
+    """Create ``count`` objects with ``concurrency`` in flight; return name → created time."""
+    created: dict[str, float] = {}
+    queue = list(range(count))
+
+    async def worker() -> None:
+        while queue:
+            doc = manifest(queue.pop())
+            await kube.create(MODEL_VERSIONS, namespace, doc)
+            created[doc["metadata"]["name"]] = time.perf_counter()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return created
+
+
+async def fresh_namespace(kube: KubeClient, name: str) -> None:
+    await kube.create(
+        NAMESPACES, None, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    )
+
+
+async def run(count: int, concurrency: int) -> dict[str, float]:
+    kube = KubeClient(connection_info(), field_manager="bench")
+    suffix = str(int(time.time()))
+
+    # Baseline: raw create rate, nobody watching.
+    raw_ns = f"bench-raw-{suffix}"
+    await fresh_namespace(kube, raw_ns)
+    started = time.perf_counter()
+    await create_all(kube, raw_ns, count, concurrency)
+    raw_rate = count / (time.perf_counter() - started)
+
+    # With the operator: create the same objects, wait for every one to be Ready.
+    op_ns = f"bench-op-{suffix}"
+    await fresh_namespace(kube, op_ns)
+    log = open(RESULTS / "operator.log.tmp", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubeloop", "operator", "-n", op_ns, "--liveness="],
+        env={**os.environ, "KUBELOOP_METRICS_PORT": "0"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    process = psutil.Process(proc.pid)
+    peak_rss = 0.0
+    ready_at: dict[str, float] = {}
+
+    async def watch_ready() -> None:
+        while len(ready_at) < count:
+            async for _, obj in kube.watch(MODEL_VERSIONS, op_ns, timeout_seconds=120):
+                conds = (obj.get("status") or {}).get("conditions", [])
+                if any(c["type"] == "Ready" and c["status"] == "True" for c in conds):
+                    ready_at.setdefault(obj["metadata"]["name"], time.perf_counter())
+                if len(ready_at) >= count:
+                    return
+
+    async def sample_rss() -> None:
+        nonlocal peak_rss
+        while len(ready_at) < count:
+            peak_rss = max(peak_rss, process.memory_info().rss / 2**20)
+            await asyncio.sleep(0.1)
+
+    try:
+        await asyncio.sleep(3)  # operator start-up (import, login, watch) is not measured
+        watcher = asyncio.create_task(watch_ready())
+        sampler = asyncio.create_task(sample_rss())
+        started = time.perf_counter()
+        created = await create_all(kube, op_ns, count, concurrency)
+        await asyncio.wait_for(watcher, timeout=600)
+        await sampler
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        await kube.close()
+    op_rate = count / (max(ready_at.values()) - started)
+    latencies = sorted(ready_at[n] - created[n] for n in created)
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return {
+        "objects": count,
+        "concurrency": concurrency,
+        "raw_create_per_s": raw_rate,
+        "operator_ready_per_s": op_rate,
+        "ratio_vs_raw_create": op_rate / raw_rate,
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p99_s": p99,
+        "operator_peak_rss_mb": peak_rss,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="runs; medians are reported")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    state = cluster_mod.CACHE / "cluster-bench"
+    cluster_mod.down(state, purge=True)
+    cluster = cluster_mod.up(state, with_kwok=False)
+    os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
+    subprocess.run(
+        [str(cluster.bin_dir / "kubectl"), "apply", "--server-side", "-f", str(ROOT / "crds")],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [str(cluster.bin_dir / "kubectl"), "wait", "--for=condition=Established", "crd", "--all"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        runs = [asyncio.run(run(args.count, args.concurrency)) for _ in range(args.repeats)]
+    finally:
+        cluster_mod.down(state, purge=True)
+    keys = runs[0].keys()
+    median = {k: statistics.median(r[k] for r in runs) for k in keys}
+    (RESULTS / "reconcile_throughput.json").write_text(
+        json.dumps({"runs": runs, "median": median}, indent=2)
+    )
+    print(f"objects={args.count} concurrency={args.concurrency} repeats={args.repeats}")
+    print(f"baseline raw API create rate   {median['raw_create_per_s']:8.1f} obj/s")
+    print(
+        f"operator create→Ready rate     {median['operator_ready_per_s']:8.1f} obj/s"
+        f"   ratio {median['ratio_vs_raw_create']:.2f} (target ≥ 0.7)"
+    )
+    print(
+        f"create→Ready latency p50/p99   {median['latency_p50_s'] * 1000:6.0f} / "
+        f"{median['latency_p99_s'] * 1000:.0f} ms (target p99 ≤ 1000 ms)"
+    )
+    print(
+        f"operator peak RSS              {median['operator_peak_rss_mb']:8.1f} MB (target ≤ 150 MB)"
+    )
+    print(
+        "RESULT "
+        + " ".join(
+            f"{k}={median[k]:.4g}"
+            for k in (
+                "raw_create_per_s",
+                "operator_ready_per_s",
+                "ratio_vs_raw_create",
+                "latency_p50_s",
+                "latency_p99_s",
+                "operator_peak_rss_mb",
+            )
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

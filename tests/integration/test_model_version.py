@@ -1,0 +1,360 @@
+"""The real operator reconciles ModelVersions in a real API server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+from kopf.testing import KopfRunner
+
+from kubeloop.backends.artifacts import digest
+from kubeloop.backends.kube import MODEL_VERSIONS, Kind, KubeClient, NotFound
+from tests.integration.conftest import (
+    LocalCluster,
+    condition,
+    eventually,
+    operator_process,
+)
+
+CONFIGMAPS = Kind("", "v1", "configmaps")
+PVCS = Kind("", "v1", "persistentvolumeclaims")
+EVENTS = Kind("", "v1", "events")
+
+
+def version(
+    name: str, model: str, number: int, uri: str, *, aliases: list[str] | None = None, **spec: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeloop.dev/v1alpha1",
+        "kind": "ModelVersion",
+        "metadata": {"name": name},
+        "spec": {
+            "modelName": model,
+            "version": number,
+            "artifact": {"uri": uri},
+            "aliases": aliases or [],
+            "metrics": {"f1": 0.9 + number / 1000},
+            **spec,
+        },
+    }
+
+
+def write_artifact(root: Path, namespace: str, model: str, number: int) -> str:
+    folder = root / namespace / model / f"v{number}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.pt").write_bytes(f"weights of {model} v{number}".encode())
+    return f"file://{folder}"
+
+
+async def get(kube: KubeClient, namespace: str, name: str) -> dict[str, Any]:
+    return await kube.get(MODEL_VERSIONS, namespace, name)
+
+
+async def ready(kube: KubeClient, namespace: str, name: str) -> dict[str, Any] | None:
+    obj = await get(kube, namespace, name)
+    cond = condition(obj, "Ready")
+    settled = (
+        cond
+        and cond["status"] == "True"
+        and obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+    )
+    return obj if settled else None
+
+
+async def reasons_of_events(kube: KubeClient, namespace: str, name: str) -> list[str]:
+    items = await kube.list(EVENTS, namespace)
+    return [e["reason"] for e in items if e["involvedObject"]["name"] == name]
+
+
+async def test_becomes_ready_with_conditions_columns_and_events(
+    kube: KubeClient, namespace: str, operator: KopfRunner, artifact_root: Path, crds: LocalCluster
+) -> None:
+    uri = write_artifact(artifact_root, namespace, "iris", 1)
+    doc = version("iris-v1", "iris", 1, uri, aliases=["production"])
+    doc["spec"]["artifact"]["sha256"] = digest(Path(uri.removeprefix("file://")))
+    await kube.create(MODEL_VERSIONS, namespace, doc)
+    obj = await eventually(lambda: ready(kube, namespace, "iris-v1"), what="iris-v1 Ready")
+
+    status = obj["status"]
+    assert status["phase"] == "Ready"
+    assert status["aliases"] == ["production"]
+    assert status["artifactVerified"] is True
+    assert status["primaryMetric"] == "f1=0.901"
+    ready_cond = condition(obj, "Ready")
+    assert ready_cond is not None
+    assert ready_cond["reason"] == "Registered"
+    assert ready_cond["observedGeneration"] == 1
+    degraded = condition(obj, "Degraded")
+    assert degraded is not None
+    assert degraded["status"] == "False"
+
+    table = crds.kubectl("get", "mv", "-n", namespace, "-o", "wide").stdout.splitlines()
+    header = table[0].split()
+    assert header[:5] == ["NAME", "MODEL", "VERSION", "ALIASES", "METRIC"]
+    row = dict(zip(header, table[1].split(), strict=False))
+    assert row["MODEL"] == "iris"
+    assert row["VERSION"] == "1"
+    assert row["READY"] == "True"
+    assert row["PHASE"] == "Ready"
+    assert row["REASON"] == "Registered"
+    assert "iris-v1" in crds.kubectl("get", "kubeloop", "-n", namespace).stdout
+
+    index = await kube.get(CONFIGMAPS, namespace, "kubeloop-registry-iris")
+    assert json.loads(index["data"]["index.json"])["aliases"] == {"production": "iris-v1"}
+    assert index["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+    events = await eventually(lambda: reasons_of_events(kube, namespace, "iris-v1"), what="events")
+    assert "Registered" in events
+
+    # Changing an alias re-reconciles; Ready's lastTransitionTime does not move.
+    await kube.patch(MODEL_VERSIONS, namespace, "iris-v1", {"spec": {"aliases": ["latest"]}})
+    obj2 = await eventually(lambda: ready(kube, namespace, "iris-v1"), what="generation 2")
+    assert obj2["status"]["aliases"] == ["latest"]
+    ready2 = condition(obj2, "Ready")
+    assert ready2 is not None
+    assert ready2["observedGeneration"] == 2
+    assert ready2["lastTransitionTime"] == ready_cond["lastTransitionTime"]
+
+
+async def test_artifact_outside_the_tenant_prefix_fails_with_a_reason(
+    kube: KubeClient, namespace: str, operator: KopfRunner, artifact_root: Path
+) -> None:
+    uri = write_artifact(artifact_root, "someone-else", "iris", 1)
+    await kube.create(MODEL_VERSIONS, namespace, version("iris-v1", "iris", 1, uri))
+
+    async def failed() -> dict[str, Any] | None:
+        obj = await get(kube, namespace, "iris-v1")
+        cond = condition(obj, "Ready")
+        return obj if cond and cond["status"] == "False" else None
+
+    obj = await eventually(failed, what="Ready=False")
+    cond = condition(obj, "Ready")
+    assert cond is not None
+    assert cond["reason"] == "ArtifactOutsideTenantPrefix"
+    assert "spec.artifact.uri" in cond["message"]
+    assert namespace in cond["message"]
+    assert obj["status"]["phase"] == "Failed"
+    events = await eventually(
+        lambda: reasons_of_events(kube, namespace, "iris-v1"), what="warning event"
+    )
+    assert "ArtifactOutsideTenantPrefix" in events
+
+
+async def test_missing_artifact_waits_then_registers_when_it_appears(
+    kube: KubeClient, namespace: str, operator: KopfRunner, artifact_root: Path
+) -> None:
+    uri = f"file://{artifact_root / namespace / 'late' / 'v1'}"
+    await kube.create(MODEL_VERSIONS, namespace, version("late-v1", "late", 1, uri))
+
+    async def pending() -> dict[str, Any] | None:
+        obj = await get(kube, namespace, "late-v1")
+        return obj if (obj.get("status") or {}).get("phase") == "Pending" else None
+
+    obj = await eventually(pending, what="Pending")
+    cond = condition(obj, "Ready")
+    assert cond is not None
+    assert cond["reason"] == "ArtifactNotFound"
+    write_artifact(artifact_root, namespace, "late", 1)
+    # The operator retries by itself (TemporaryError with a delay): no spec change needed.
+    await eventually(lambda: ready(kube, namespace, "late-v1"), within=40, what="Ready")
+
+
+async def test_digest_mismatch_fails_permanently(
+    kube: KubeClient, namespace: str, operator: KopfRunner, artifact_root: Path
+) -> None:
+    uri = write_artifact(artifact_root, namespace, "m", 1)
+    bad = version("m-v1", "m", 1, uri)
+    bad["spec"]["artifact"]["sha256"] = "0" * 64
+    await kube.create(MODEL_VERSIONS, namespace, bad)
+
+    async def failed() -> dict[str, Any] | None:
+        obj = await get(kube, namespace, "m-v1")
+        return obj if (obj.get("status") or {}).get("phase") == "Failed" else None
+
+    obj = await eventually(failed, what="Failed")
+    cond = condition(obj, "Ready")
+    assert cond is not None
+    assert cond["reason"] == "ArtifactDigestMismatch"
+    assert "spec.artifact.sha256" in cond["message"]
+
+
+async def test_pvc_artifact_needs_the_claim_in_the_namespace(
+    kube: KubeClient, namespace: str, operator: KopfRunner
+) -> None:
+    await kube.create(MODEL_VERSIONS, namespace, version("p-v1", "p", 1, "pvc://models/p/v1"))
+
+    async def reason() -> str | None:
+        cond = condition(await get(kube, namespace, "p-v1"), "Ready")
+        return cond["reason"] if cond else None
+
+    assert await eventually(reason) == "ArtifactNotFound"
+    await kube.create(
+        PVCS,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "models"},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    obj = await eventually(lambda: ready(kube, namespace, "p-v1"), within=40, what="Ready")
+    assert condition(obj, "Ready")["reason"] == "ArtifactUnverified"  # type: ignore[index]
+
+
+async def alias_holders(
+    kube: KubeClient, namespace: str, model: str, alias: str
+) -> tuple[list[str], list[str]]:
+    items = await kube.list(MODEL_VERSIONS, namespace)
+    mine = [i for i in items if i["spec"]["modelName"] == model]
+    spec = [i["metadata"]["name"] for i in mine if alias in i["spec"].get("aliases", [])]
+    status = [
+        i["metadata"]["name"] for i in mine if alias in (i.get("status") or {}).get("aliases", [])
+    ]
+    return spec, status
+
+
+async def settled(kube: KubeClient, namespace: str) -> bool | list[Any]:
+    items = await kube.list(MODEL_VERSIONS, namespace)
+    done = all(
+        (i.get("status") or {}).get("observedGeneration") == i["metadata"]["generation"]
+        and (i.get("status") or {}).get("phase") == "Ready"
+        for i in items
+    )
+    # On a timeout, `eventually` shows what is still unsettled.
+    return done or (
+        [
+            (
+                i["metadata"]["name"],
+                i["metadata"]["generation"],
+                i["spec"].get("aliases"),
+                i.get("status", {}).get("observedGeneration"),
+                i.get("status", {}).get("phase"),
+            )
+            for i in items
+            if i.get("status", {}).get("observedGeneration") != i["metadata"]["generation"]
+        ]
+        and False
+    )
+
+
+async def test_alias_has_one_holder_under_concurrent_claims(
+    kube: KubeClient, namespace: str, operator: KopfRunner, artifact_root: Path
+) -> None:
+    uri = write_artifact(artifact_root, namespace, "fraud", 1)
+    names = [f"fraud-v{i}" for i in range(1, 9)]
+    await asyncio.gather(
+        *(
+            kube.create(MODEL_VERSIONS, namespace, version(n, "fraud", i, uri))
+            for i, n in enumerate(names, start=1)
+        )
+    )
+    await eventually(lambda: settled(kube, namespace), what="all Ready")
+    for round_ in range(3):
+        # Every version claims production at once (as several pipelines finishing together).
+        await asyncio.gather(
+            *(
+                kube.patch(MODEL_VERSIONS, namespace, n, {"spec": {"aliases": ["production"]}})
+                for n in names
+            )
+        )
+        await eventually(lambda: settled(kube, namespace), within=60, what="settled")
+        spec, status = await alias_holders(kube, namespace, "fraud", "production")
+        assert len(spec) == 1, f"round {round_}: spec holders {spec}"
+        assert status == spec, f"round {round_}: status {status} vs spec {spec}"
+    index = json.loads(
+        (await kube.get(CONFIGMAPS, namespace, "kubeloop-registry-fraud"))["data"]["index.json"]
+    )
+    assert index["aliases"] == {"production": spec[0]}
+    assert len(index["versions"]) == 8
+
+
+async def test_operator_killed_mid_work_resumes_without_duplicates(
+    kube: KubeClient, namespace: str, artifact_root: Path, tmp_path: Path
+) -> None:
+    models = ["alpha", "beta", "gamma"]
+    uris = {m: write_artifact(artifact_root, namespace, m, 1) for m in models}
+    docs = [
+        version(f"{m}-v{i}", m, i, uris[m], aliases=["latest"] if i == 10 else [])
+        for m in models
+        for i in range(1, 11)
+    ]
+    await asyncio.gather(*(kube.create(MODEL_VERSIONS, namespace, d) for d in docs))
+    log = tmp_path / "operator.log"
+
+    async def ready_count() -> int:
+        items = await kube.list(MODEL_VERSIONS, namespace)
+        return sum((i.get("status") or {}).get("phase") == "Ready" for i in items)
+
+    first = operator_process(namespace, artifact_root, log)
+    try:
+        await eventually(ready_count, within=60, interval=0.05, what="some Ready")
+        first.send_signal(signal.SIGKILL)  # no graceful shutdown: mid-work
+        first.wait(10)
+        done_before = await ready_count()
+        assert done_before < len(docs), "operator finished before it could be killed"
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = operator_process(namespace, artifact_root, log)
+    try:
+        await eventually(lambda: settled(kube, namespace), within=90, what="all Ready")
+    finally:
+        second.terminate()
+        second.wait(20)
+    configmaps = [
+        c["metadata"]["name"]
+        for c in await kube.list(
+            CONFIGMAPS, namespace, label_selector="app.kubernetes.io/managed-by=kubeloop"
+        )
+    ]
+    assert sorted(configmaps) == [f"kubeloop-registry-{m}" for m in models]
+    for m in models:
+        cm = await kube.get(CONFIGMAPS, namespace, f"kubeloop-registry-{m}")
+        index = json.loads(cm["data"]["index.json"])
+        assert [v["version"] for v in index["versions"]] == list(range(1, 11))
+        assert len(cm["metadata"]["ownerReferences"]) == 10
+        assert index["aliases"] == {"latest": f"{m}-v10"}
+    items = await kube.list(MODEL_VERSIONS, namespace)
+    assert len(items) == 30
+
+
+async def test_deleting_a_version_drops_it_from_the_index(
+    kube: KubeClient, namespace: str, operator: KopfRunner, artifact_root: Path
+) -> None:
+    uri = write_artifact(artifact_root, namespace, "d", 1)
+    for i in (1, 2):
+        await kube.create(MODEL_VERSIONS, namespace, version(f"d-v{i}", "d", i, uri))
+    await eventually(lambda: settled(kube, namespace), what="Ready")
+    await kube.delete(MODEL_VERSIONS, namespace, "d-v1")
+
+    async def index_versions() -> list[int] | None:
+        try:
+            cm = await kube.get(CONFIGMAPS, namespace, "kubeloop-registry-d")
+        except NotFound:
+            return None
+        found = [v["version"] for v in json.loads(cm["data"]["index.json"])["versions"]]
+        return found if found == [2] else None
+
+    assert await eventually(index_versions, what="index without d-v1") == [2]
+
+
+async def test_a_misnamed_version_is_refused(
+    kube: KubeClient, namespace: str, operator: KopfRunner, artifact_root: Path
+) -> None:
+    uri = write_artifact(artifact_root, namespace, "m", 1)
+    doc = version("m-v1", "m", 1, uri)
+    doc["metadata"]["name"] = "m-latest"
+    await kube.create(MODEL_VERSIONS, namespace, doc)
+
+    async def reason() -> str | None:
+        cond = condition(await get(kube, namespace, "m-latest"), "Ready")
+        return cond["reason"] if cond else None
+
+    assert await eventually(reason) == "InvalidName"
+    assert (await get(kube, namespace, "m-latest"))["status"]["phase"] == "Failed"
