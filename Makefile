@@ -64,17 +64,17 @@ cluster-purge: ## stop the local control plane and delete its data
 .PHONY: crds
 crds: venv ## regenerate crds/ and the chart's CRD templates from the models
 	@$(PY) -m kubeloop crds -o crds
-	@$(PY) hack/chart_crds.py
+	@$(PY) -m hack.chart_crds
 
 .PHONY: crds-check
 crds-check: venv ## fail if crds/ or the chart differ from the models
-	@cd hack && ../$(PY) crds_check.py
+	@$(PY) -m hack.crds_check
 
 .PHONY: lint
 lint: venv ## ruff and mypy --strict
 	@.venv/bin/ruff check operator tests bench hack examples
 	@.venv/bin/ruff format --check operator tests bench hack examples
-	@.venv/bin/mypy operator/kubeloop bench hack/chart_crds.py
+	@.venv/bin/mypy operator/kubeloop tests bench hack
 
 .PHONY: fmt
 fmt: venv ## format the code
@@ -93,11 +93,11 @@ test-unit: venv ## unit tests only (no server)
 
 .PHONY: demo
 demo: venv cluster-up ## the whole loop on the local control plane
-	@$(PY) hack/demo.py
+	@$(PY) -m hack.demo
 
 .PHONY: bench
 bench: venv cluster-build ## benchmarks (bench/); each prints a RESULT line
-	@$(PY) bench/reconcile_throughput.py
+	@$(PY) bench/reconcile_throughput.py --repeats 3
 
 .PHONY: clean
 clean: ## remove local build state (keeps the caches)

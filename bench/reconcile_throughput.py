@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from hack.cluster import cluster as cluster_mod  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+STATE = cluster_mod.CACHE / "cluster-bench"
 
 
 def manifest(i: int) -> dict[str, Any]:
@@ -64,6 +65,26 @@ async def create_all(
     return created
 
 
+def spawn_operator(namespace: str) -> subprocess.Popen[bytes]:
+    with (RESULTS / "operator.log.tmp").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kubeloop", "operator", "-n", namespace, "--liveness="],
+            env={**os.environ, "KUBELOOP_METRICS_PORT": "0"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def server_cpu_seconds() -> float:
+    """CPU time used so far by kube-apiserver and etcd (where the operator's calls cost)."""
+    total = 0.0
+    for name in ("kube-apiserver", "etcd"):
+        pid = int((STATE / f"{name}.pid").read_text())
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
 async def fresh_namespace(kube: KubeClient, name: str) -> None:
     await kube.create(
         NAMESPACES, None, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
@@ -84,13 +105,7 @@ async def run(count: int, concurrency: int) -> dict[str, float]:
     # With the operator: create the same objects, wait for every one to be Ready.
     op_ns = f"bench-op-{suffix}"
     await fresh_namespace(kube, op_ns)
-    log = open(RESULTS / "operator.log.tmp", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubeloop", "operator", "-n", op_ns, "--liveness="],
-        env={**os.environ, "KUBELOOP_METRICS_PORT": "0"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = spawn_operator(op_ns)
     process = psutil.Process(proc.pid)
     peak_rss = 0.0
     ready_at: dict[str, float] = {}
@@ -114,10 +129,14 @@ async def run(count: int, concurrency: int) -> dict[str, float]:
         await asyncio.sleep(3)  # operator start-up (import, login, watch) is not measured
         watcher = asyncio.create_task(watch_ready())
         sampler = asyncio.create_task(sample_rss())
+        servers_before = server_cpu_seconds()
         started = time.perf_counter()
         created = await create_all(kube, op_ns, count, concurrency)
         await asyncio.wait_for(watcher, timeout=600)
         await sampler
+        cpu = process.cpu_times()
+        operator_cpu = cpu.user + cpu.system
+        servers = server_cpu_seconds() - servers_before
     finally:
         proc.terminate()
         proc.wait(30)
@@ -134,6 +153,8 @@ async def run(count: int, concurrency: int) -> dict[str, float]:
         "latency_p50_s": statistics.median(latencies),
         "latency_p99_s": p99,
         "operator_peak_rss_mb": peak_rss,
+        "operator_cpu_s": operator_cpu,
+        "apiserver_etcd_cpu_s": servers,
     }
 
 
@@ -145,9 +166,8 @@ def main() -> int:
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    state = cluster_mod.CACHE / "cluster-bench"
-    cluster_mod.down(state, purge=True)
-    cluster = cluster_mod.up(state, with_kwok=False)
+    cluster_mod.down(STATE, purge=True)
+    cluster = cluster_mod.up(STATE, with_kwok=False)
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
     subprocess.run(
         [str(cluster.bin_dir / "kubectl"), "apply", "--server-side", "-f", str(ROOT / "crds")],
@@ -162,7 +182,7 @@ def main() -> int:
     try:
         runs = [asyncio.run(run(args.count, args.concurrency)) for _ in range(args.repeats)]
     finally:
-        cluster_mod.down(state, purge=True)
+        cluster_mod.down(STATE, purge=True)
     keys = runs[0].keys()
     median = {k: statistics.median(r[k] for r in runs) for k in keys}
     (RESULTS / "reconcile_throughput.json").write_text(
@@ -177,6 +197,10 @@ def main() -> int:
     print(
         f"create→Ready latency p50/p99   {median['latency_p50_s'] * 1000:6.0f} / "
         f"{median['latency_p99_s'] * 1000:.0f} ms (target p99 ≤ 1000 ms)"
+    )
+    print(
+        f"CPU during the run: operator {median['operator_cpu_s']:.1f} s, "
+        f"kube-apiserver+etcd {median['apiserver_etcd_cpu_s']:.1f} s (2 cores shared)"
     )
     print(
         f"operator peak RSS              {median['operator_peak_rss_mb']:8.1f} MB (target ≤ 150 MB)"

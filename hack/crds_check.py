@@ -6,7 +6,7 @@ import difflib
 import sys
 from pathlib import Path
 
-from chart_crds import CHART_CRDS, chart_templates  # type: ignore[import-not-found]
+from hack.chart_crds import CHART_CRDS, chart_templates
 from kubeloop.api.crdgen import all_crds
 from kubeloop.cli import render
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,8 @@ def configure_kopf(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     settings.watching.client_timeout = cfg.watch_client_timeout
     # Our Events are explicit (kopf.event); only warnings from logs become Events.
     settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "kubeloop"
+    settings.posting.reporting_instance = socket.gethostname()
     settings.peering.standalone = cfg.standalone
     settings.networking.connect_timeout = 10
 
