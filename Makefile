@@ -32,12 +32,15 @@ $(VENV_STAMP): pyproject.toml
 	  $(VENV_DIR)/bin/pip install -q --upgrade pip && \
 	  $(VENV_DIR)/bin/pip install -q -e '.[dev]' && touch $(VENV_DIR)/.complete; \
 	fi
-	@ln -sfn $(VENV_DIR) .venv
-	@$(VENV_DIR)/bin/pip install -q --no-deps -e . >/dev/null
 	@touch $@
 
+# The environment is shared by every checkout on the machine (it is keyed by the dependencies,
+# not the path), so point its editable install at this checkout whenever another one took it.
 .PHONY: venv
 venv: $(VENV_STAMP) ## create the cached Python environment (operator + dev tools)
+	@ln -sfn $(VENV_DIR) .venv
+	@$(PY) -c 'import kubeloop, sys; sys.exit(not kubeloop.__file__.startswith("$(CURDIR)/"))' \
+	  2>/dev/null || $(VENV_DIR)/bin/pip install -q --no-deps -e . >/dev/null
 
 .PHONY: system-deps
 system-deps: ## Debian packages the tests and demo need (openssl)

@@ -7,8 +7,15 @@ from typing import Any
 
 import yaml
 
+import kubeloop
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+# The cached environment is shared between checkouts: make sure it runs this one's code.
+assert Path(kubeloop.__file__).resolve().is_relative_to(ROOT), (
+    f"kubeloop is imported from {kubeloop.__file__}, not this checkout: run `make venv`"
+)
 
 
 def load_examples() -> list[dict[str, Any]]:

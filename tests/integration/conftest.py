@@ -118,20 +118,36 @@ def operator(namespace: str, artifact_root: Path) -> Iterator[KopfRunner]:
     assert runner.exception is None, runner.output[-4000:]
 
 
-def operator_process(namespace: str, artifact_root: Path, log: Path) -> subprocess.Popen[bytes]:
-    """The operator as its own process (so a test can SIGKILL it)."""
+def operator_process(
+    namespace: str, artifact_root: Path, log: Path, *, metrics_port: int = 0, liveness: str = ""
+) -> subprocess.Popen[bytes]:
+    """The operator as its own process, started the way the chart starts it (so a test can
+    SIGKILL it, or scrape its endpoints)."""
     env = {
         **os.environ,
         "KUBELOOP_ARTIFACT_ROOT": str(artifact_root),
-        "KUBELOOP_METRICS_PORT": "0",
+        "KUBELOOP_METRICS_PORT": str(metrics_port),
         "PYTHONUNBUFFERED": "1",
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "kubeloop", "operator", "-n", namespace, "--liveness="],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kubeloop",
+                "operator",
+                "-n",
+                namespace,
+                f"--liveness={liveness}",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def free_port() -> int:
+    return int(cluster_mod._free_port())
 
 
 async def eventually(

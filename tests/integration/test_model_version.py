@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 from pathlib import Path
@@ -11,17 +12,20 @@ from typing import Any
 from kopf.testing import KopfRunner
 
 from kubeloop.backends.artifacts import digest
-from kubeloop.backends.kube import MODEL_VERSIONS, Kind, KubeClient, NotFound
+from kubeloop.backends.kube import (
+    CONFIGMAPS,
+    EVENTS,
+    MODEL_VERSIONS,
+    PVCS,
+    KubeClient,
+    NotFound,
+)
 from tests.integration.conftest import (
     LocalCluster,
     condition,
     eventually,
     operator_process,
 )
-
-CONFIGMAPS = Kind("", "v1", "configmaps")
-PVCS = Kind("", "v1", "persistentvolumeclaims")
-EVENTS = Kind("", "v1", "events")
 
 
 def version(
@@ -102,8 +106,11 @@ async def test_becomes_ready_with_conditions_columns_and_events(
     assert row["REASON"] == "Registered"
     assert "iris-v1" in crds.kubectl("get", "kubeloop", "-n", namespace).stdout
 
+    await eventually(
+        lambda: registry_index(kube, namespace, "iris", aliases={"production": "iris-v1"}),
+        what="registry index",
+    )
     index = await kube.get(CONFIGMAPS, namespace, "kubeloop-registry-iris")
-    assert json.loads(index["data"]["index.json"])["aliases"] == {"production": "iris-v1"}
     assert index["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
     events = await eventually(lambda: reasons_of_events(kube, namespace, "iris-v1"), what="events")
     assert "Registered" in events
@@ -207,6 +214,18 @@ async def test_pvc_artifact_needs_the_claim_in_the_namespace(
     assert condition(obj, "Ready")["reason"] == "ArtifactUnverified"  # type: ignore[index]
 
 
+async def registry_index(
+    kube: KubeClient, namespace: str, model: str, *, aliases: dict[str, str]
+) -> dict[str, Any] | None:
+    """The model's index once it shows ``aliases`` (it is written shortly after changes)."""
+    try:
+        cm = await kube.get(CONFIGMAPS, namespace, f"kubeloop-registry-{model}")
+    except NotFound:
+        return None
+    index: dict[str, Any] = json.loads(cm["data"]["index.json"])
+    return index if index["aliases"] == aliases else None
+
+
 async def alias_holders(
     kube: KubeClient, namespace: str, model: str, alias: str
 ) -> tuple[list[str], list[str]]:
@@ -267,10 +286,10 @@ async def test_alias_has_one_holder_under_concurrent_claims(
         spec, status = await alias_holders(kube, namespace, "fraud", "production")
         assert len(spec) == 1, f"round {round_}: spec holders {spec}"
         assert status == spec, f"round {round_}: status {status} vs spec {spec}"
-    index = json.loads(
-        (await kube.get(CONFIGMAPS, namespace, "kubeloop-registry-fraud"))["data"]["index.json"]
+    index = await eventually(
+        lambda: registry_index(kube, namespace, "fraud", aliases={"production": spec[0]}),
+        what="index with the final holder",
     )
-    assert index["aliases"] == {"production": spec[0]}
     assert len(index["versions"]) == 8
 
 
@@ -315,11 +334,14 @@ async def test_operator_killed_mid_work_resumes_without_duplicates(
     ]
     assert sorted(configmaps) == [f"kubeloop-registry-{m}" for m in models]
     for m in models:
-        cm = await kube.get(CONFIGMAPS, namespace, f"kubeloop-registry-{m}")
-        index = json.loads(cm["data"]["index.json"])
+        wanted = {"latest": f"{m}-v10"}
+        index = await eventually(
+            functools.partial(registry_index, kube, namespace, m, aliases=wanted),
+            what=f"index of {m}",
+        )
         assert [v["version"] for v in index["versions"]] == list(range(1, 11))
+        cm = await kube.get(CONFIGMAPS, namespace, f"kubeloop-registry-{m}")
         assert len(cm["metadata"]["ownerReferences"]) == 10
-        assert index["aliases"] == {"latest": f"{m}-v10"}
     items = await kube.list(MODEL_VERSIONS, namespace)
     assert len(items) == 30
 

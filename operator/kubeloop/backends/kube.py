@@ -53,6 +53,8 @@ MODEL_DEPLOYMENTS = Kind(GROUP, VERSION, "modeldeployments")
 DRIFT_POLICIES = Kind(GROUP, VERSION, "driftpolicies")
 PVCS = Kind("", "v1", "persistentvolumeclaims")
 NAMESPACES = Kind("", "v1", "namespaces")
+CONFIGMAPS = Kind("", "v1", "configmaps")
+EVENTS = Kind("", "v1", "events")
 
 
 class ApiError(Exception):
@@ -272,16 +274,3 @@ def _error(status: int, payload: Body, text: str) -> ApiError:
     message = str(payload.get("message", "")) or text[:500]
     cls = NotFound if status == 404 else Conflict if status == 409 else ApiError
     return cls(status, reason, message)
-
-
-def owner_reference(owner: Mapping[str, Any], *, controller: bool = True) -> Body:
-    """An ownerReference to ``owner`` so that garbage collection removes the child."""
-    meta = owner["metadata"]
-    return {
-        "apiVersion": owner["apiVersion"],
-        "kind": owner["kind"],
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": controller,
-        "blockOwnerDeletion": True,
-    }

@@ -110,6 +110,9 @@ def reconciler(kind: str) -> Callable[[Handler], Handler]:
             except kopf.TemporaryError:
                 result = "retry"
                 raise
+            except kopf.PermanentError:
+                result = "failed"
+                raise
             finally:
                 RECONCILES.labels(kind, result).inc()
                 RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)

@@ -11,10 +11,9 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
-from kubeloop.backends.kube import ApiError, Kind, KubeClient
+from kubeloop.backends.kube import CONFIGMAPS, ApiError, KubeClient
 from kubeloop.planning.model_version import VersionEntry, build_registry_index
 
-CONFIGMAPS = Kind("", "v1", "configmaps")
 log = logging.getLogger("kubeloop.registry")
 
 Entries = Callable[[str, str], Iterable[VersionEntry]]
