@@ -30,7 +30,7 @@ $(VENV_STAMP): pyproject.toml
 	  echo "[venv] creating $(VENV_DIR)"; rm -rf $(VENV_DIR); \
 	  python3.11 -m venv $(VENV_DIR) && \
 	  $(VENV_DIR)/bin/pip install -q --upgrade pip && \
-	  $(VENV_DIR)/bin/pip install -q -e '.[dev]' && touch $(VENV_DIR)/.complete; \
+	  $(VENV_DIR)/bin/pip install -q -e '.[dev,serving]' && touch $(VENV_DIR)/.complete; \
 	fi
 	@touch $@
 

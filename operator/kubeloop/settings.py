@@ -39,6 +39,17 @@ class Settings(BaseSettings):
         description="Check that file:// artifacts exist and match their digest "
         "(the operator must see the same filesystem, as in local mode).",
     )
+    serving_image: str = Field(
+        default="ghcr.io/kubeloop/serving:0.1.0",
+        description="Image of the model-serving runtime (images/serving) for KServe.",
+    )
+    prometheus_url: str = Field(
+        default="http://127.0.0.1:9090", description="Prometheus the analyses query."
+    )
+    scrape_targets_dir: Path = Field(
+        default_factory=lambda: _cache() / "prometheus" / "targets",
+        description="file_sd_configs directory where local model servers are registered.",
+    )
     state_dir: Path = Field(
         default_factory=lambda: _cache() / "state", description="Local executor and server state."
     )

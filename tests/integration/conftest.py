@@ -64,7 +64,8 @@ def cluster() -> Iterator[LocalCluster]:
         os.environ["KUBECONFIG"] = existing
         yield LocalCluster(Path(existing), bin_dir)
         return
-    state = cluster_mod.CACHE / "cluster-test"
+    # Separate directories let several test sessions run side by side.
+    state = Path(os.environ.get("KUBELOOP_TEST_CLUSTER_DIR", cluster_mod.CACHE / "cluster-test"))
     cluster_mod.down(state, purge=True)  # a fresh etcd every session
     started = time.monotonic()
     local = cluster_mod.up(state)

@@ -1,0 +1,51 @@
+"""The serving backends' common interface: local processes or KServe InferenceServices.
+
+A backend makes the world match one decision — which version is stable, which is the canary
+and what share of traffic the canary gets — and reports what it sees. The rollout itself
+(steps, analysis, promotion, rollback) is decided in ``planning/canary.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from kubeloop.api.model_deployment import ModelDeployment
+
+
+@dataclass(frozen=True)
+class Served:
+    """One version to serve: the ModelVersion's name and its artifact."""
+
+    version: str  # ModelVersion name, e.g. churn-v2 (the `version` label of its metrics)
+    uri: str  # artifact URI
+    format: str = "torch"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What the rollout wants served now."""
+
+    stable: Served
+    canary: Served | None = None
+    canary_weight: int = 0  # percent of requests to the canary, 0..100
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """What the backend observed after applying a placement."""
+
+    stable_ready: bool
+    canary_ready: bool
+    url: str = ""
+    message: str = ""
+
+
+class ServingBackend(Protocol):
+    async def apply(self, md: ModelDeployment, placement: Placement) -> ServingState:
+        """Idempotently serve ``placement`` for ``md`` (deterministic names, no duplicates)."""
+        ...
+
+    async def delete(self, md: ModelDeployment) -> None:
+        """Remove everything served for ``md``."""
+        ...
