@@ -43,8 +43,10 @@ venv: $(VENV_STAMP) ## create the cached Python environment (operator + dev tool
 	  2>/dev/null || $(VENV_DIR)/bin/pip install -q --no-deps -e . >/dev/null
 
 .PHONY: system-deps
-system-deps: ## Debian packages the tests and demo need (openssl)
-	@command -v openssl >/dev/null || (apt-get update -qq && apt-get install -y -qq openssl)
+system-deps: ## Debian packages the tests and demo need (openssl, prometheus)
+	@command -v openssl >/dev/null && command -v prometheus >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	     --no-install-recommends openssl prometheus >/dev/null)
 
 .PHONY: cluster-build
 cluster-build: system-deps ## build kube-apiserver, etcd, controller-manager, scheduler, kubectl, helm, kwok (cached)
@@ -87,7 +89,7 @@ fmt: venv ## format the code
 ## --- the two commands ----------------------------------------------------------------------
 
 .PHONY: test
-test: venv cluster-build crds-check lint ## every test: unit, integration (real API server), chart, lint
+test: venv system-deps cluster-build crds-check lint ## every test: unit, integration (real API server), chart, lint
 	@.venv/bin/pytest -q -ra tests
 
 .PHONY: test-unit

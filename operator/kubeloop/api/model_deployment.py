@@ -242,6 +242,7 @@ class ModelDeploymentStatus(StatusBase):
     canary: VersionWeight = Field(default_factory=VersionWeight, description="Canary version.")
     current_step: int = Field(default=0, ge=0, description="Index into spec.rollout.steps.")
     step_started_at: ShortText = Field(default="", description="When the step began.")
+    rollout_started_at: ShortText = Field(default="", description="When this rollout began.")
     failed_checks: int = Field(default=0, ge=0, description="Failed analyses this rollout.")
     analysis: list[AnalysisResult] = Field(
         default_factory=list, max_length=64, description="Latest analysis results."

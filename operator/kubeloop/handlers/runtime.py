@@ -13,6 +13,10 @@ import kopf
 import prometheus_client
 
 from kubeloop.backends.kube import KubeClient, connection_info
+from kubeloop.backends.prometheus import PrometheusClient
+from kubeloop.backends.serving import ServingBackend
+from kubeloop.backends.serving_kserve import KServeBackend
+from kubeloop.backends.serving_local import LocalServingBackend
 from kubeloop.handlers.registry_index import RegistryIndexWriter
 from kubeloop.settings import Settings
 
@@ -36,6 +40,8 @@ class Runtime:
     settings: Settings
     kube: KubeClient
     index_writer: RegistryIndexWriter
+    prometheus: PrometheusClient
+    serving: dict[str, ServingBackend]
     locks: defaultdict[tuple[str, ...], asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
@@ -79,7 +85,12 @@ async def startup(
     cfg = Settings()
     configure_kopf(settings, cfg)
     kube = KubeClient(connection_info(), field_manager=cfg.field_manager)
-    memo["runtime"] = Runtime(cfg, kube, RegistryIndexWriter(kube))
+    serving: dict[str, ServingBackend] = {
+        "local": LocalServingBackend(cfg.state_dir, cfg.scrape_targets_dir),
+        "kserve": KServeBackend(kube, image=cfg.serving_image),
+    }
+    prometheus = PrometheusClient(cfg.prometheus_url, timeout=10)
+    memo["runtime"] = Runtime(cfg, kube, RegistryIndexWriter(kube), prometheus, serving)
     if cfg.metrics_port:
         prometheus_client.start_http_server(cfg.metrics_port, addr="0.0.0.0")
         logger.info("operator metrics on :%d/metrics", cfg.metrics_port)

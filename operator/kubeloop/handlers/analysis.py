@@ -1,0 +1,70 @@
+"""Measuring a canary through Prometheus for ``planning.canary.judge``.
+
+Every value that cannot be had — an empty or NaN series, an unreachable Prometheus, a tenant
+query that is invalid or would read another namespace — is None, i.e. *inconclusive*: the
+rollout holds its step and never promotes on missing data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from kubeloop import reasons
+from kubeloop.api.model_deployment import ModelDeployment
+from kubeloop.backends.prometheus import (
+    AmbiguousQuery,
+    InvalidQuery,
+    PrometheusUnavailable,
+)
+from kubeloop.handlers.runtime import Runtime
+from kubeloop.planning import canary
+from kubeloop.planning.promql import UnsafeQuery, builtin_queries, scope_query
+
+
+@dataclass
+class Measured:
+    values: canary.Measurements
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (reason, message)
+
+
+async def measure(rt: Runtime, md: ModelDeployment, *, stable: str, candidate: str) -> Measured:
+    prom, ns, window = rt.prometheus, md.namespace, md.spec.rollout.interval
+    mine = builtin_queries(ns, md.name, candidate, window)
+    # The stable's predictions are the baseline; at the last steps it gets little or no
+    # traffic, so compare with everything it answered since the rollout began.
+    began = canary.parse_time(md.status.rollout_started_at)
+    since = (dt.datetime.now(dt.UTC) - began).total_seconds() if began else 0.0
+    baseline = f"{int(canary.seconds(window) + since)}s"
+    theirs = builtin_queries(ns, md.name, stable, baseline)
+    try:
+        requests = await prom.query_value(mine["requests"])
+        error_rate = await prom.query_value(mine["error_rate"])
+        p99 = await prom.query_value(mine["p99_latency_ms"])
+        shift = canary.psi(
+            await prom.query_vector(theirs["prediction_fractions"]),
+            await prom.query_vector(mine["prediction_fractions"]),
+        )
+    except PrometheusUnavailable as exc:
+        return Measured(
+            canary.Measurements(),
+            [(reasons.PROMETHEUS_UNAVAILABLE, f"analysis inconclusive: {exc}")],
+        )
+    warnings: list[tuple[str, str]] = []
+    custom: dict[str, float | None] = {}
+    for i, metric in enumerate(md.spec.rollout.analysis.metrics):
+        try:
+            query = scope_query(metric.query, ns, substitutions={"version": candidate})
+            custom[metric.name] = await prom.query_value(query)
+        except (UnsafeQuery, InvalidQuery, AmbiguousQuery) as exc:
+            custom[metric.name] = None
+            warnings.append(
+                (
+                    reasons.INVALID_SPEC,
+                    f"spec.rollout.analysis.metrics[{i}].query ({metric.name}): {exc}",
+                )
+            )
+        except PrometheusUnavailable as exc:
+            custom[metric.name] = None
+            warnings.append((reasons.PROMETHEUS_UNAVAILABLE, str(exc)))
+    return Measured(canary.Measurements(requests, error_rate, p99, shift, custom), warnings)

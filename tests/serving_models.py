@@ -1,0 +1,100 @@
+"""Small real models for the serving tests: a torch MLP trained on scikit-learn's bundled
+breast-cancer data (30 features, 2 classes), and an artifact that loads but cannot predict."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from sklearn.datasets import load_breast_cancer  # type: ignore[import-untyped]
+
+from kubeloop.serving.artifact import METADATA_FILE, reference_from_data, save_model
+
+CLASSES = ["malignant", "benign"]
+
+
+@cache
+def breast_cancer() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], list[str]]:
+    data = load_breast_cancer()
+    names = [str(n).replace(" ", "_") for n in data.feature_names]
+    return data.data.astype(np.float32), data.target.astype(np.int64), names
+
+
+def breast_cancer_rows(n: int, *, offset: int = 0) -> list[list[float]]:
+    """``n`` raw (unscaled) rows of the data set, as a client would send them."""
+    x, _, _ = breast_cancer()
+    return [[float(v) for v in x[(offset + i) % len(x)]] for i in range(n)]
+
+
+def mlp(n_in: int, n_out: int, hidden: int = 32) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_in, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, n_out),
+    )
+
+
+def train_tabular_model(directory: str | Path, *, seed: int = 0, epochs: int = 20) -> Path:
+    """Train a real MLP (standard scaling, Adam, mini-batches) and save it as an artifact."""
+    torch.manual_seed(seed)
+    x, y, names = breast_cancer()
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    xs = torch.from_numpy((x - mean) / scale)
+    ys = torch.from_numpy(y)
+    model = mlp(x.shape[1], len(CLASSES))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xs), generator=generator)
+        for start in range(0, len(order), 64):
+            idx = order[start : start + 64]
+            optimiser.zero_grad()
+            loss_fn(model(xs[idx]), ys[idx]).backward()
+            optimiser.step()
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(xs), dim=1).numpy()
+    reference = reference_from_data(x, names, probs, task="classification")
+    return save_model(
+        directory,
+        model,
+        task="classification",
+        features=names,
+        classes=CLASSES,
+        mean=mean.tolist(),
+        scale=scale.tolist(),
+        reference=reference,
+    )
+
+
+def write_broken_model(directory: str | Path) -> Path:
+    """An artifact that loads but fails every prediction: model.json declares the 30
+    breast-cancer features, the exported program takes rows of 12 — it raises inside the model."""
+    x, _, names = breast_cancer()
+    narrow = [f"f{i}" for i in range(12)]
+    out = save_model(
+        directory,
+        mlp(12, 2, hidden=8),
+        task="classification",
+        features=narrow,
+        classes=CLASSES,
+        mean=[0.0] * 12,
+        scale=[1.0] * 12,
+        reference={},
+    )
+    meta_path = out / METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["features"] = names
+    meta["preprocess"] = {"mean": x.mean(axis=0).tolist(), "scale": x.std(axis=0).tolist()}
+    meta["reference"] = reference_from_data(x, names, np.full(len(x), 0.5), task="classification")
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return out
