@@ -35,14 +35,13 @@ from fastapi import Request  # module level: FastAPI resolves the handler's anno
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.serving_models import (  # noqa: E402
+from kubeloop.serving.artifact import load_model, reference_from_data, save_model  # noqa: E402
+from kubeloop.serving.samples import (  # noqa: E402
     CLASSES,
     breast_cancer,
     breast_cancer_rows,
     train_tabular_model,
 )
-
-from kubeloop.serving.artifact import load_model, reference_from_data, save_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MODEL = "bench"

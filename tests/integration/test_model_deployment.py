@@ -22,8 +22,8 @@ from kopf.testing import KopfRunner
 
 from kubeloop.backends.kube import MODEL_DEPLOYMENTS, MODEL_VERSIONS, KubeClient
 from kubeloop.backends.prometheus import PrometheusClient
+from kubeloop.serving.samples import breast_cancer_rows, train_tabular_model, write_broken_model
 from tests.integration.conftest import condition, eventually, operator_process
-from tests.serving_models import breast_cancer_rows, train_tabular_model, write_broken_model
 
 ROWS = breast_cancer_rows(16)
 

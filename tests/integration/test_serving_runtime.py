@@ -22,8 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubeloop.serving.artifact import load_model
+from kubeloop.serving.samples import breast_cancer_rows, train_tabular_model, write_broken_model
 from tests.conftest import ROOT
-from tests.serving_models import breast_cancer_rows, train_tabular_model, write_broken_model
 
 MODEL, VERSION = "cancer", "cancer-v1"
 

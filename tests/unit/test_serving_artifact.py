@@ -20,7 +20,7 @@ from kubeloop.serving.artifact import (
     save_model,
 )
 from kubeloop.serving.cache import ResponseCache, rows_key
-from tests.serving_models import (
+from kubeloop.serving.samples import (
     CLASSES,
     breast_cancer,
     mlp,

@@ -13,7 +13,7 @@ import pytest
 
 from kubeloop.serving.artifact import LoadedModel, load_model
 from kubeloop.serving.batching import DirectRunner, MicroBatcher, Rows, make_runner
-from tests.serving_models import breast_cancer, train_tabular_model
+from kubeloop.serving.samples import breast_cancer, train_tabular_model
 
 
 @pytest.fixture(scope="module")

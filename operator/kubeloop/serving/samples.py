@@ -1,5 +1,6 @@
-"""Small real models for the serving tests: a torch MLP trained on scikit-learn's bundled
-breast-cancer data (30 features, 2 classes), and an artifact that loads but cannot predict."""
+"""Sample models for the demo, the tests and the benchmarks: a real torch MLP trained on
+scikit-learn's bundled breast-cancer data (30 features, 2 classes, seconds on a CPU), and an
+artifact that loads but fails at inference (to exercise rollbacks)."""
 
 from __future__ import annotations
 
