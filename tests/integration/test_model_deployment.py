@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import shutil
 import signal
 from collections import Counter
@@ -342,3 +343,89 @@ async def test_operator_restart_mid_rollout_resumes_at_the_recorded_step(
     servers = list((serving_env / "serving" / namespace / "churn" / "servers").glob("*.json"))
     assert [p.stem for p in servers] == ["churn-v2"]  # v1 stopped, nothing started twice
     assert (serving_env / "serving" / namespace / "churn" / "router.json").exists()
+
+
+async def test_bad_targets_degrade_while_the_stable_version_keeps_serving(
+    serving_env: Path,
+    kube: KubeClient,
+    namespace: str,
+    operator: KopfRunner,
+    artifact_root: Path,
+    models: dict[str, Path],
+) -> None:
+    await register(kube, namespace, artifact_root, models, "v1")
+    await kube.create(MODEL_DEPLOYMENTS, namespace, deployment("churn-v1"))
+    st = await eventually(lambda: serving(kube, namespace, "churn-v1"), within=90, what="v1")
+    # A version with another input signature than the stable one's.
+    folder = artifact_root / namespace / "churn" / "v2"
+    shutil.copytree(models["v2"], folder)
+    await kube.create(
+        MODEL_VERSIONS,
+        namespace,
+        {
+            "apiVersion": "kubeloop.dev/v1alpha1",
+            "kind": "ModelVersion",
+            "metadata": {"name": "churn-v2"},
+            "spec": {
+                "modelName": "churn",
+                "version": 2,
+                "artifact": {"uri": f"file://{folder}"},
+                "signature": {"inputs": [{"name": "only_feature"}]},
+            },
+        },
+    )
+    v1_signature = {"inputs": [{"name": f"f{i}"} for i in range(30)]}
+    await kube.delete(MODEL_VERSIONS, namespace, "churn-v1")  # signature is immutable: re-create
+    await eventually(lambda: _gone(kube, namespace, "churn-v1"), what="v1 re-created")
+    await kube.create(
+        MODEL_VERSIONS,
+        namespace,
+        {
+            "apiVersion": "kubeloop.dev/v1alpha1",
+            "kind": "ModelVersion",
+            "metadata": {"name": "churn-v1"},
+            "spec": {
+                "modelName": "churn",
+                "version": 1,
+                "artifact": {"uri": f"file://{artifact_root / namespace / 'churn' / 'v1'}"},
+                "signature": v1_signature,
+            },
+        },
+    )
+
+    async def degraded(reason: str) -> dict[str, Any] | None:
+        md = await kube.get(MODEL_DEPLOYMENTS, namespace, "churn")
+        cond = condition(md, "Degraded")
+        return md if cond and cond["status"] == "True" and cond["reason"] == reason else None
+
+    for version, reason in (
+        ("churn-v9", "ModelVersionNotFound"),
+        ("churn-v2", "IncompatibleSignature"),
+    ):
+        await kube.patch(
+            MODEL_DEPLOYMENTS,
+            namespace,
+            "churn",
+            {"spec": {"model": {"modelVersion": {"name": version}}}},
+        )
+        md = await eventually(functools.partial(degraded, reason), within=30, what=reason)
+        assert version in condition(md, "Degraded")["message"]  # type: ignore[index]
+        assert md["status"]["stable"]["modelVersion"] == "churn-v1"
+        assert md["status"]["canary"].get("modelVersion") is None
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(
+                st["url"],
+                json={
+                    "id": "x",
+                    "inputs": [
+                        {"name": "x", "shape": [1, 30], "datatype": "FP32", "data": ROWS[0]}
+                    ],
+                },
+            ) as resp,
+        ):
+            assert resp.status == 200  # the stable version keeps serving all traffic
+
+
+async def _gone(kube: KubeClient, namespace: str, name: str) -> bool:
+    return name not in {i["metadata"]["name"] for i in await kube.list(MODEL_VERSIONS, namespace)}
