@@ -23,6 +23,7 @@ from kopf.testing import KopfRunner
 
 from kubeloop.backends.kube import MODEL_DEPLOYMENTS, MODEL_VERSIONS, KubeClient
 from kubeloop.backends.prometheus import PrometheusClient
+from kubeloop.backends.serving_local import LocalServingBackend
 from kubeloop.serving.samples import breast_cancer_rows, train_tabular_model, write_broken_model
 from tests.integration.conftest import condition, eventually, operator_process
 
@@ -53,12 +54,14 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[prometheus_
 @pytest.fixture
 def serving_env(
     prometheus: prometheus_mod.Prom, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Path:
+) -> Iterator[Path]:
     state = tmp_path / "state"
     monkeypatch.setenv("KUBELOOP_PROMETHEUS_URL", prometheus.url)
     monkeypatch.setenv("KUBELOOP_SCRAPE_TARGETS_DIR", str(prometheus.targets_dir))
     monkeypatch.setenv("KUBELOOP_STATE_DIR", str(state))
-    return state
+    yield state
+    # The model servers outlive the operator by design; the test must not leak them.
+    LocalServingBackend(state, prometheus.targets_dir).stop_all()
 
 
 async def register(

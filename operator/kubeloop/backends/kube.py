@@ -175,7 +175,9 @@ class KubeClient:
         headers = {"Content-Type": content_type} if data is not None else None
         async with self._client().request(method, url, data=data, headers=headers) as resp:
             text = await resp.text()
-            payload: Body = json.loads(text) if text else {}
+            # An unknown resource type (e.g. KServe's CRD not installed) answers plain text.
+            json_body = text and resp.content_type == "application/json"
+            payload: Body = json.loads(text) if json_body else {}
             if resp.status >= 400:
                 raise _error(resp.status, payload, text)
             return payload

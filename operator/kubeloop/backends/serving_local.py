@@ -217,6 +217,14 @@ class LocalServingBackend:
         _write_json(state, {"pid": proc.pid, "port": port})
         return port
 
+    def stop_all(self) -> None:
+        """Stop every process this backend started (tests, the demo; not the operator, whose
+        restart must find its servers running)."""
+        for state in self.root.glob("*/*/**/*.json"):
+            if state.name != "weights.json":
+                _stop(json.loads(state.read_text())["pid"])
+        shutil.rmtree(self.root, ignore_errors=True)
+
     async def delete(self, md: ModelDeployment) -> None:
         await asyncio.to_thread(self._delete, md)
 

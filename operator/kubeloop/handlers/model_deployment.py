@@ -274,5 +274,4 @@ async def run_rollout(
 async def delete_deployment(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     rt = runtime(memo)
     md = parse(ModelDeployment, body)
-    for backend in {id(b): b for b in rt.serving.values()}.values():
-        await backend.delete(md)
+    await backend_for(rt, md).delete(md)
