@@ -101,8 +101,10 @@ demo: venv cluster-up ## the whole loop on the local control plane
 	@$(PY) -m hack.demo
 
 .PHONY: bench
-bench: venv cluster-build ## benchmarks (bench/); each prints a RESULT line
+bench: venv system-deps cluster-build ## benchmarks (bench/); each ends with a RESULT line
 	@$(PY) bench/reconcile_throughput.py --repeats 3
+	@$(PY) bench/canary_timing.py --repeats 3
+	@$(PY) bench/serving_overhead.py
 
 .PHONY: clean
 clean: ## remove local build state (keeps the caches)

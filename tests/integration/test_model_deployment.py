@@ -432,3 +432,54 @@ async def test_bad_targets_degrade_while_the_stable_version_keeps_serving(
 
 async def _gone(kube: KubeClient, namespace: str, name: str) -> bool:
     return name not in {i["metadata"]["name"] for i in await kube.list(MODEL_VERSIONS, namespace)}
+
+
+async def test_a_canary_that_cannot_load_is_reported_and_times_out(
+    serving_env: Path,
+    kube: KubeClient,
+    namespace: str,
+    operator: KopfRunner,
+    artifact_root: Path,
+    models: dict[str, Path],
+) -> None:
+    await register(kube, namespace, artifact_root, models, "v1")
+    empty = artifact_root / namespace / "churn" / "v2"
+    empty.mkdir(parents=True)  # registered, but holds no model
+    await kube.create(
+        MODEL_VERSIONS,
+        namespace,
+        {
+            "apiVersion": "kubeloop.dev/v1alpha1",
+            "kind": "ModelVersion",
+            "metadata": {"name": "churn-v2"},
+            "spec": {"modelName": "churn", "version": 2, "artifact": {"uri": f"file://{empty}"}},
+        },
+    )
+    doc = deployment("churn-v1")
+    doc["spec"]["rollout"]["maxDuration"] = "20s"
+    await kube.create(MODEL_DEPLOYMENTS, namespace, doc)
+    await eventually(lambda: serving(kube, namespace, "churn-v1"), within=90, what="v1")
+    await kube.patch(
+        MODEL_DEPLOYMENTS,
+        namespace,
+        "churn",
+        {"spec": {"model": {"modelVersion": {"name": "churn-v2"}}}},
+    )
+
+    async def crash_reported() -> str | None:
+        cond = condition(await kube.get(MODEL_DEPLOYMENTS, namespace, "churn"), "Degraded")
+        return cond["message"] if cond and cond["reason"] == "ServingFailed" else None
+
+    message = await eventually(crash_reported, within=60, what="ServingFailed")
+    assert "churn-v2 exited" in message
+    assert "model.json" in message  # the runtime's own reason
+    st = await eventually(
+        lambda: _phase(kube, namespace, "RolledBack"), within=60, what="maxDuration rollback"
+    )
+    assert "maxDuration" in st["history"][-1]["reason"]
+    assert st["stable"]["modelVersion"] == "churn-v1"
+
+
+async def _phase(kube: KubeClient, namespace: str, phase: str) -> dict[str, Any] | None:
+    st = await md_status(kube, namespace)
+    return st if st.get("phase") == phase else None

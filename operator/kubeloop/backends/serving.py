@@ -38,7 +38,7 @@ class ServingState:
     stable_ready: bool
     canary_ready: bool
     url: str = ""
-    message: str = ""
+    message: str = ""  # a failure to report (a crashed server, a KServe error); '' otherwise
 
 
 class ServingBackend(Protocol):

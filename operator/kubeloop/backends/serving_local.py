@@ -100,10 +100,17 @@ class LocalServingBackend:
             self._ensure_router, md, placement, ports, canary_ready
         )
         url = f"http://127.0.0.1:{router_port}/v2/models/{md.name}/infer"
-        message = "" if stable_ready else f"waiting for {placement.stable.version} to load"
-        if placement.canary is not None and not canary_ready:
-            message = f"waiting for canary {placement.canary.version} to load"
-        return ServingState(stable_ready, canary_ready, url, message)
+        return ServingState(stable_ready, canary_ready, url, self._crashes(md, placement))
+
+    def _crashes(self, md: ModelDeployment, placement: Placement) -> str:
+        """Why a server that should run exited (its log's last line), or ''."""
+        folder = self._dir(md) / "servers"
+        served = [placement.stable] + ([placement.canary] if placement.canary else [])
+        for s in served:
+            crash = folder / f"{s.version}.crash"
+            if crash.exists():
+                return f"model server for {s.version} exited: {crash.read_text().strip()}"
+        return ""
 
     def _ensure_servers(self, md: ModelDeployment, placement: Placement) -> dict[str, int]:
         folder = self._dir(md) / "servers"
@@ -133,10 +140,16 @@ class LocalServingBackend:
 
     def _ensure_server(self, md: ModelDeployment, served: Served, folder: Path) -> int:
         state = folder / f"{served.version}.json"
+        log_path = folder / f"{served.version}.log"
+        crash = folder / f"{served.version}.crash"
         if state.exists():
             known = json.loads(state.read_text())
             if _alive(known["pid"], f"--model-version {served.version}"):
+                crash.unlink(missing_ok=True)
                 return int(known["port"])
+            # It died (e.g. the artifact does not load): remember why, then start it again.
+            lines = log_path.read_text(errors="replace").strip().splitlines()
+            crash.write_text(lines[-1][:500] if lines else "no output")
         directory = model_dir(served)
         port = _free_port()
         serving = md.spec.serving
@@ -167,7 +180,7 @@ class LocalServingBackend:
                 "--cache-ttl",
                 str(serving.cache.ttl_seconds),
             ]
-        with (folder / f"{served.version}.log").open("ab") as log:
+        with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 args,
                 stdout=log,

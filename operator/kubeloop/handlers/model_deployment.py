@@ -160,8 +160,9 @@ async def reconcile_once(rt: Runtime, md: ModelDeployment, logger: Any) -> float
             state = await backend.apply(md, placement)
         except Exception as exc:
             return False, False, "", f"{type(exc).__name__}: {exc}"
-        # Still loading is not a failure: readiness is in the Ready/Progressing conditions.
-        return state.stable_ready, state.canary_ready, state.url, ""
+        # Still loading is not a failure (readiness is in Ready/Progressing); a crash is.
+        settled = state.stable_ready and (state.canary_ready or decision_canary is None)
+        return state.stable_ready, state.canary_ready, state.url, "" if settled else state.message
 
     current = await serve(
         status.stable.model_version or target.version,
