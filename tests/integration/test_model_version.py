@@ -296,7 +296,8 @@ async def test_alias_has_one_holder_under_concurrent_claims(
 async def test_operator_killed_mid_work_resumes_without_duplicates(
     kube: KubeClient, namespace: str, artifact_root: Path, tmp_path: Path
 ) -> None:
-    models = ["alpha", "beta", "gamma"]
+    # Enough work that the kill lands mid-way (the operator handles ~100 versions a second).
+    models = [f"model{i:02d}" for i in range(15)]
     uris = {m: write_artifact(artifact_root, namespace, m, 1) for m in models}
     docs = [
         version(f"{m}-v{i}", m, i, uris[m], aliases=["latest"] if i == 10 else [])
@@ -312,7 +313,10 @@ async def test_operator_killed_mid_work_resumes_without_duplicates(
 
     first = operator_process(namespace, artifact_root, log)
     try:
-        await eventually(ready_count, within=60, interval=0.05, what="some Ready")
+        # Kill on the first Ready seen on a watch (polling would see it too late).
+        async for _, obj in kube.watch(MODEL_VERSIONS, namespace, timeout_seconds=60):
+            if (obj.get("status") or {}).get("phase") == "Ready":
+                break
         first.send_signal(signal.SIGKILL)  # no graceful shutdown: mid-work
         first.wait(10)
         done_before = await ready_count()
@@ -326,13 +330,6 @@ async def test_operator_killed_mid_work_resumes_without_duplicates(
     finally:
         second.terminate()
         second.wait(20)
-    configmaps = [
-        c["metadata"]["name"]
-        for c in await kube.list(
-            CONFIGMAPS, namespace, label_selector="app.kubernetes.io/managed-by=kubeloop"
-        )
-    ]
-    assert sorted(configmaps) == [f"kubeloop-registry-{m}" for m in models]
     for m in models:
         wanted = {"latest": f"{m}-v10"}
         index = await eventually(
@@ -342,8 +339,15 @@ async def test_operator_killed_mid_work_resumes_without_duplicates(
         assert [v["version"] for v in index["versions"]] == list(range(1, 11))
         cm = await kube.get(CONFIGMAPS, namespace, f"kubeloop-registry-{m}")
         assert len(cm["metadata"]["ownerReferences"]) == 10
+    configmaps = [
+        c["metadata"]["name"]
+        for c in await kube.list(
+            CONFIGMAPS, namespace, label_selector="app.kubernetes.io/managed-by=kubeloop"
+        )
+    ]
+    assert sorted(configmaps) == [f"kubeloop-registry-{m}" for m in models]
     items = await kube.list(MODEL_VERSIONS, namespace)
-    assert len(items) == 30
+    assert len(items) == len(docs)
 
 
 async def test_deleting_a_version_drops_it_from_the_index(
