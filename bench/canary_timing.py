@@ -196,16 +196,7 @@ def main() -> int:
         "KUBELOOP_METRICS_PORT": "0",
     }
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
-    subprocess.run(
-        [str(cluster.bin_dir / "kubectl"), "apply", "--server-side", "-f", str(ROOT / "crds")],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [str(cluster.bin_dir / "kubectl"), "wait", "--for=condition=Established", "crd", "--all"],
-        check=True,
-        capture_output=True,
-    )
+    cluster_mod.install_crds(cluster, ROOT / "crds")
     try:
         runs = asyncio.run(run(args, work, env))
     finally:

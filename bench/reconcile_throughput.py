@@ -177,16 +177,7 @@ def main() -> int:
     cluster_mod.down(STATE, purge=True)
     cluster = cluster_mod.up(STATE, with_kwok=False)
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
-    subprocess.run(
-        [str(cluster.bin_dir / "kubectl"), "apply", "--server-side", "-f", str(ROOT / "crds")],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [str(cluster.bin_dir / "kubectl"), "wait", "--for=condition=Established", "crd", "--all"],
-        check=True,
-        capture_output=True,
-    )
+    cluster_mod.install_crds(cluster, ROOT / "crds")
     try:
         asyncio.run(warm_up(args.count, args.concurrency))
         runs = [asyncio.run(run(args.count, args.concurrency)) for _ in range(args.repeats)]

@@ -386,6 +386,19 @@ def ensure_fake_gpu_node(cluster: Cluster) -> None:
             raise
 
 
+def install_crds(cluster: Cluster, crds_dir: Path) -> None:
+    """Server-side apply the CRDs in ``crds_dir`` and wait until they are served."""
+    kubectl = [str(cluster.bin_dir / "kubectl"), f"--kubeconfig={cluster.kubeconfig}"]
+    subprocess.run(
+        [*kubectl, "apply", "--server-side", "-f", str(crds_dir)], check=True, capture_output=True
+    )
+    subprocess.run(
+        [*kubectl, "wait", "--for=condition=Established", "crd", "--all"],
+        check=True,
+        capture_output=True,
+    )
+
+
 def down(state_dir: Path, *, purge: bool = False) -> None:
     """Stop every component; with ``purge`` also delete etcd's data and the pki."""
     for name in reversed(COMPONENTS):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from kubeloop.api.model_deployment import ModelDeployment
+from kubeloop.api.model_deployment import ModelDeployment, Serving
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,26 @@ class ServingState:
     canary_ready: bool
     url: str = ""
     message: str = ""  # a failure to report (a crashed server, a KServe error); '' otherwise
+
+
+def runtime_options(serving: Serving) -> list[str]:
+    """The serving runtime's flags for batching and caching, the same for every backend."""
+    args: list[str] = []
+    if serving.batching.enabled:
+        args += [
+            "--max-batch-size",
+            str(serving.batching.max_batch_size),
+            "--max-latency-ms",
+            str(serving.batching.max_latency_ms),
+        ]
+    if serving.cache.enabled:
+        args += [
+            "--cache-size",
+            str(serving.cache.max_entries),
+            "--cache-ttl",
+            str(serving.cache.ttl_seconds),
+        ]
+    return args
 
 
 class ServingBackend(Protocol):

@@ -27,7 +27,7 @@ import aiohttp
 
 from kubeloop.api.model_deployment import ModelDeployment
 from kubeloop.backends.scrape_targets import remove_targets, write_targets
-from kubeloop.backends.serving import Placement, Served, ServingState
+from kubeloop.backends.serving import Placement, Served, ServingState, runtime_options
 
 
 class LocalServingError(Exception):
@@ -99,6 +99,8 @@ class LocalServingBackend:
         router_port = await asyncio.to_thread(
             self._ensure_router, md, placement, ports, canary_ready
         )
+        # Only once the router no longer sends them anything: stop versions not served now.
+        await asyncio.to_thread(self._stop_unwanted, md, ports)
         url = f"http://127.0.0.1:{router_port}/v2/models/{md.name}/infer"
         return ServingState(stable_ready, canary_ready, url, self._crashes(md, placement))
 
@@ -117,10 +119,6 @@ class LocalServingBackend:
         folder.mkdir(parents=True, exist_ok=True)
         wanted = [placement.stable] + ([placement.canary] if placement.canary else [])
         ports = {s.version: self._ensure_server(md, s, folder) for s in wanted}
-        for state in folder.glob("*.json"):  # versions no longer served
-            if state.stem not in ports:
-                _stop(json.loads(state.read_text())["pid"])
-                state.unlink()
         write_targets(
             self.targets_dir,
             self._key(md),
@@ -137,6 +135,12 @@ class LocalServingBackend:
             ],
         )
         return ports
+
+    def _stop_unwanted(self, md: ModelDeployment, ports: dict[str, int]) -> None:
+        for state in (self._dir(md) / "servers").glob("*.json"):
+            if state.stem not in ports:
+                _stop(json.loads(state.read_text())["pid"])
+                state.unlink()
 
     def _ensure_server(self, md: ModelDeployment, served: Served, folder: Path) -> int:
         state = folder / f"{served.version}.json"
@@ -166,20 +170,7 @@ class LocalServingBackend:
             "--http-port",
             str(port),
         ]
-        if serving.batching.enabled:
-            args += [
-                "--max-batch-size",
-                str(serving.batching.max_batch_size),
-                "--max-latency-ms",
-                str(serving.batching.max_latency_ms),
-            ]
-        if serving.cache.enabled:
-            args += [
-                "--cache-size",
-                str(serving.cache.max_entries),
-                "--cache-ttl",
-                str(serving.cache.ttl_seconds),
-            ]
+        args += runtime_options(serving)
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 args,
@@ -236,6 +227,11 @@ class LocalServingBackend:
         for state in self.root.glob("*/*/**/*.json"):
             if state.name != "weights.json":
                 _stop(json.loads(state.read_text())["pid"])
+        # And any router that lost its record (its command line names our state directory).
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError, ValueError):
+                if str(self.root).encode() in cmdline.read_bytes():
+                    _stop(int(cmdline.parent.name))
         shutil.rmtree(self.root, ignore_errors=True)
 
     async def delete(self, md: ModelDeployment) -> None:

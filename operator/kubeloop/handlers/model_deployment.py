@@ -10,6 +10,7 @@ watch to echo it back. A restarted operator starts the daemon again and resumes 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from typing import Any
 
@@ -170,30 +171,22 @@ async def reconcile_once(rt: Runtime, md: ModelDeployment, logger: Any) -> float
         status.canary.weight,
     )
     stable_ready, canary_ready, url, problem = current
-    decision = canary.plan_rollout(
+    plan = functools.partial(
+        canary.plan_rollout,
         md.spec,
         status,
         target,
         generation=md.metadata.generation,
         stable_ready=stable_ready,
         canary_ready=canary_ready,
-        measurements=None,
         now=now,
     )
+    decision = plan(measurements=None)
     if decision.analyse and decision.canary and decision.stable:
         measured = await measure(rt, md, stable=decision.stable, candidate=decision.canary)
         for warning in measured.warnings:
             events.post(md.model_dump(by_alias=True), "Warning", warning[0], warning[1])
-        decision = canary.plan_rollout(
-            md.spec,
-            status,
-            target,
-            generation=md.metadata.generation,
-            stable_ready=stable_ready,
-            canary_ready=canary_ready,
-            measurements=measured.values,
-            now=now,
-        )
+        decision = plan(measurements=measured.values)
     if (decision.stable, decision.canary, decision.weight) != (
         status.stable.model_version,
         status.canary.model_version,

@@ -55,7 +55,7 @@ from typing import Any
 from kubeloop import API_VERSION
 from kubeloop.api.common import ComputeResources, Toleration
 from kubeloop.api.model_deployment import ModelDeployment, Serving
-from kubeloop.backends.serving import Placement, Served
+from kubeloop.backends.serving import Placement, Served, runtime_options
 from kubeloop.planning.naming import child_name
 
 KSERVE_API_VERSION = "serving.kserve.io/v1beta1"
@@ -233,20 +233,7 @@ def _container(
     ]
     if serving.grpc:
         args += ["--grpc-port", str(GRPC_PORT)]
-    if serving.batching.enabled:
-        args += [
-            "--max-batch-size",
-            str(serving.batching.max_batch_size),
-            "--max-latency-ms",
-            str(serving.batching.max_latency_ms),
-        ]
-    if serving.cache.enabled:
-        args += [
-            "--cache-size",
-            str(serving.cache.max_entries),
-            "--cache-ttl",
-            str(serving.cache.ttl_seconds),
-        ]
+    args += runtime_options(serving)
     ports: list[dict[str, Any]] = [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}]
     if serving.grpc and serving.deployment_mode == "RawDeployment":
         # Knative routes one port per container; a Deployment's Service can expose both.
