@@ -112,6 +112,26 @@ def deployment(version: str, **rollout: Any) -> dict[str, Any]:
     }
 
 
+async def serve(kube: KubeClient, namespace: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """Create the deployment and wait until its first version serves; return its status."""
+    await kube.create(MODEL_DEPLOYMENTS, namespace, doc)
+    version = doc["spec"]["model"]["modelVersion"]["name"]
+    status: dict[str, Any] = await eventually(
+        lambda: serving(kube, namespace, version), within=90, what=f"{version} serving"
+    )
+    return status
+
+
+async def point_to(kube: KubeClient, namespace: str, version: str) -> None:
+    """Change the version the deployment asks for (what a GitOps commit would do)."""
+    await kube.patch(
+        MODEL_DEPLOYMENTS,
+        namespace,
+        "churn",
+        {"spec": {"model": {"modelVersion": {"name": version}}}},
+    )
+
+
 async def md_status(kube: KubeClient, namespace: str) -> dict[str, Any]:
     status: dict[str, Any] = (await kube.get(MODEL_DEPLOYMENTS, namespace, "churn")).get(
         "status"
@@ -190,18 +210,10 @@ async def test_healthy_canary_is_promoted_through_every_step_and_moves_productio
     prometheus: prometheus_mod.Prom,
 ) -> None:
     await register(kube, namespace, artifact_root, models, "v1", "v2")
-    await kube.create(MODEL_DEPLOYMENTS, namespace, deployment("churn-v1"))
-    st = await eventually(
-        lambda: serving(kube, namespace, "churn-v1"), within=90, what="v1 serving"
-    )
+    st = await serve(kube, namespace, deployment("churn-v1"))
     with Traffic(st["url"]) as traffic:
         async with watching_weights(kube, namespace) as weights:
-            await kube.patch(
-                MODEL_DEPLOYMENTS,
-                namespace,
-                "churn",
-                {"spec": {"model": {"modelVersion": {"name": "churn-v2"}}}},
-            )
+            await point_to(kube, namespace, "churn-v2")
             st = await eventually(
                 lambda: serving(kube, namespace, "churn-v2"), within=120, what="v2 promoted"
             )
@@ -235,18 +247,10 @@ async def test_broken_canary_is_rolled_back_and_never_exceeds_its_step(
     models: dict[str, Path],
 ) -> None:
     await register(kube, namespace, artifact_root, models, "v1", "v3")
-    await kube.create(MODEL_DEPLOYMENTS, namespace, deployment("churn-v1"))
-    st = await eventually(
-        lambda: serving(kube, namespace, "churn-v1"), within=90, what="v1 serving"
-    )
+    st = await serve(kube, namespace, deployment("churn-v1"))
     with Traffic(st["url"]) as traffic:
         async with watching_weights(kube, namespace) as weights:
-            await kube.patch(
-                MODEL_DEPLOYMENTS,
-                namespace,
-                "churn",
-                {"spec": {"model": {"modelVersion": {"name": "churn-v3"}}}},
-            )
+            await point_to(kube, namespace, "churn-v3")
 
             async def rolled_back() -> dict[str, Any] | None:
                 s = await md_status(kube, namespace)
@@ -275,14 +279,8 @@ async def test_a_canary_without_traffic_is_held_never_promoted(
     models: dict[str, Path],
 ) -> None:
     await register(kube, namespace, artifact_root, models, "v1", "v2")
-    await kube.create(MODEL_DEPLOYMENTS, namespace, deployment("churn-v1"))
-    await eventually(lambda: serving(kube, namespace, "churn-v1"), within=90, what="v1")
-    await kube.patch(
-        MODEL_DEPLOYMENTS,
-        namespace,
-        "churn",
-        {"spec": {"model": {"modelVersion": {"name": "churn-v2"}}}},
-    )
+    await serve(kube, namespace, deployment("churn-v1"))
+    await point_to(kube, namespace, "churn-v2")
 
     async def analysed_three_times() -> dict[str, Any] | None:
         s = await md_status(kube, namespace)
@@ -308,17 +306,9 @@ async def test_operator_restart_mid_rollout_resumes_at_the_recorded_step(
     env_root = artifact_root
     first = operator_process(namespace, env_root, log)
     try:
-        await kube.create(MODEL_DEPLOYMENTS, namespace, deployment("churn-v1"))
-        st = await eventually(
-            lambda: serving(kube, namespace, "churn-v1"), within=90, what="v1 serving"
-        )
+        st = await serve(kube, namespace, deployment("churn-v1"))
         with Traffic(st["url"]):
-            await kube.patch(
-                MODEL_DEPLOYMENTS,
-                namespace,
-                "churn",
-                {"spec": {"model": {"modelVersion": {"name": "churn-v2"}}}},
-            )
+            await point_to(kube, namespace, "churn-v2")
 
             async def at_second_step() -> bool:
                 return (await md_status(kube, namespace)).get("currentStep") == 1
@@ -357,8 +347,7 @@ async def test_bad_targets_degrade_while_the_stable_version_keeps_serving(
     models: dict[str, Path],
 ) -> None:
     await register(kube, namespace, artifact_root, models, "v1")
-    await kube.create(MODEL_DEPLOYMENTS, namespace, deployment("churn-v1"))
-    st = await eventually(lambda: serving(kube, namespace, "churn-v1"), within=90, what="v1")
+    st = await serve(kube, namespace, deployment("churn-v1"))
     # A version with another input signature than the stable one's.
     folder = artifact_root / namespace / "churn" / "v2"
     shutil.copytree(models["v2"], folder)
@@ -405,12 +394,7 @@ async def test_bad_targets_degrade_while_the_stable_version_keeps_serving(
         ("churn-v9", "ModelVersionNotFound"),
         ("churn-v2", "IncompatibleSignature"),
     ):
-        await kube.patch(
-            MODEL_DEPLOYMENTS,
-            namespace,
-            "churn",
-            {"spec": {"model": {"modelVersion": {"name": version}}}},
-        )
+        await point_to(kube, namespace, version)
         md = await eventually(functools.partial(degraded, reason), within=30, what=reason)
         assert version in condition(md, "Degraded")["message"]  # type: ignore[index]
         assert md["status"]["stable"]["modelVersion"] == "churn-v1"
@@ -457,14 +441,8 @@ async def test_a_canary_that_cannot_load_is_reported_and_times_out(
     )
     doc = deployment("churn-v1")
     doc["spec"]["rollout"]["maxDuration"] = "20s"
-    await kube.create(MODEL_DEPLOYMENTS, namespace, doc)
-    await eventually(lambda: serving(kube, namespace, "churn-v1"), within=90, what="v1")
-    await kube.patch(
-        MODEL_DEPLOYMENTS,
-        namespace,
-        "churn",
-        {"spec": {"model": {"modelVersion": {"name": "churn-v2"}}}},
-    )
+    await serve(kube, namespace, doc)
+    await point_to(kube, namespace, "churn-v2")
 
     async def crash_reported() -> str | None:
         cond = condition(await kube.get(MODEL_DEPLOYMENTS, namespace, "churn"), "Degraded")
