@@ -15,7 +15,6 @@ and a log in the state directory. Standard library only: tests import this file 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -28,6 +27,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from hack.cluster.cluster import stop_process_group
 
 JOB = "kubeloop-local"
 CACHE = Path(
@@ -201,21 +202,7 @@ def down(state_dir: Path) -> None:
     if pid is None:
         pid_file.unlink(missing_ok=True)
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    for _ in range(100):
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+    stop_process_group(pid, grace_s=10)
     pid_file.unlink(missing_ok=True)
 
 

@@ -399,6 +399,31 @@ def install_crds(cluster: Cluster, crds_dir: Path) -> None:
     )
 
 
+def stop_process_group(pid: int, *, grace_s: float) -> None:
+    """SIGTERM the process group of ``pid``; SIGKILL it if it still runs after ``grace_s``."""
+
+    def gone_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while True:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    for sig, seconds in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
+        if sig == signal.SIGTERM and grace_s <= 0:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+        if gone_within(seconds):
+            return
+
+
 def down(state_dir: Path, *, purge: bool = False) -> None:
     """Stop every component; with ``purge`` also delete etcd's data and the pki."""
     for name in reversed(COMPONENTS):
@@ -406,18 +431,8 @@ def down(state_dir: Path, *, purge: bool = False) -> None:
         if not _pid_alive(pid_file):
             pid_file.unlink(missing_ok=True)
             continue
-        pid = int(pid_file.read_text())
-        os.killpg(pid, signal.SIGKILL if purge else signal.SIGTERM)
-        for _ in range(30):  # graceful for 3 s, then kill: this is a throw-away cluster
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.killpg(pid, signal.SIGKILL)
+        # Graceful for 3 s, then killed: this is a throw-away cluster.
+        stop_process_group(int(pid_file.read_text()), grace_s=0 if purge else 3)
         pid_file.unlink(missing_ok=True)
     if purge:
         subprocess.run(["rm", "-rf", str(state_dir)], check=True)

@@ -64,26 +64,37 @@ def serving_env(
     LocalServingBackend(state, prometheus.targets_dir).stop_all()
 
 
+def version_doc(number: int, folder: Path, **spec: Any) -> dict[str, Any]:
+    """A ModelVersion of the churn model whose artifact is ``folder``."""
+    return {
+        "apiVersion": "kubeloop.dev/v1alpha1",
+        "kind": "ModelVersion",
+        "metadata": {"name": f"churn-v{number}"},
+        "spec": {
+            "modelName": "churn",
+            "version": number,
+            "artifact": {"uri": f"file://{folder}"},
+            **spec,
+        },
+    }
+
+
 async def register(
-    kube: KubeClient, namespace: str, root: Path, models: dict[str, Path], *names: str
+    kube: KubeClient,
+    namespace: str,
+    root: Path,
+    models: dict[str, Path],
+    *names: str,
+    **spec: Any,
 ) -> None:
+    """Copy the trained models into the tenant's artifact prefix and register them."""
     for name in names:
         folder = root / namespace / "churn" / name
         shutil.copytree(models[name], folder, dirs_exist_ok=True)
         await kube.create(
             MODEL_VERSIONS,
             namespace,
-            {
-                "apiVersion": "kubeloop.dev/v1alpha1",
-                "kind": "ModelVersion",
-                "metadata": {"name": f"churn-{name}"},
-                "spec": {
-                    "modelName": "churn",
-                    "version": int(name[1:]),
-                    "artifact": {"uri": f"file://{folder}"},
-                    "metrics": {"f1": 0.95},
-                },
-            },
+            version_doc(int(name[1:]), folder, metrics={"f1": 0.95}, **spec),
         )
 
 
@@ -346,43 +357,17 @@ async def test_bad_targets_degrade_while_the_stable_version_keeps_serving(
     artifact_root: Path,
     models: dict[str, Path],
 ) -> None:
-    await register(kube, namespace, artifact_root, models, "v1")
+    v1_signature = {"inputs": [{"name": f"f{i}"} for i in range(30)]}
+    await register(kube, namespace, artifact_root, models, "v1", signature=v1_signature)
     st = await serve(kube, namespace, deployment("churn-v1"))
     # A version with another input signature than the stable one's.
-    folder = artifact_root / namespace / "churn" / "v2"
-    shutil.copytree(models["v2"], folder)
-    await kube.create(
-        MODEL_VERSIONS,
+    await register(
+        kube,
         namespace,
-        {
-            "apiVersion": "kubeloop.dev/v1alpha1",
-            "kind": "ModelVersion",
-            "metadata": {"name": "churn-v2"},
-            "spec": {
-                "modelName": "churn",
-                "version": 2,
-                "artifact": {"uri": f"file://{folder}"},
-                "signature": {"inputs": [{"name": "only_feature"}]},
-            },
-        },
-    )
-    v1_signature = {"inputs": [{"name": f"f{i}"} for i in range(30)]}
-    await kube.delete(MODEL_VERSIONS, namespace, "churn-v1")  # signature is immutable: re-create
-    await eventually(lambda: _gone(kube, namespace, "churn-v1"), what="v1 re-created")
-    await kube.create(
-        MODEL_VERSIONS,
-        namespace,
-        {
-            "apiVersion": "kubeloop.dev/v1alpha1",
-            "kind": "ModelVersion",
-            "metadata": {"name": "churn-v1"},
-            "spec": {
-                "modelName": "churn",
-                "version": 1,
-                "artifact": {"uri": f"file://{artifact_root / namespace / 'churn' / 'v1'}"},
-                "signature": v1_signature,
-            },
-        },
+        artifact_root,
+        models,
+        "v2",
+        signature={"inputs": [{"name": "only_feature"}]},
     )
 
     async def degraded(reason: str) -> dict[str, Any] | None:
@@ -414,10 +399,6 @@ async def test_bad_targets_degrade_while_the_stable_version_keeps_serving(
             assert resp.status == 200  # the stable version keeps serving all traffic
 
 
-async def _gone(kube: KubeClient, namespace: str, name: str) -> bool:
-    return name not in {i["metadata"]["name"] for i in await kube.list(MODEL_VERSIONS, namespace)}
-
-
 async def test_a_canary_that_cannot_load_is_reported_and_times_out(
     serving_env: Path,
     kube: KubeClient,
@@ -429,16 +410,7 @@ async def test_a_canary_that_cannot_load_is_reported_and_times_out(
     await register(kube, namespace, artifact_root, models, "v1")
     empty = artifact_root / namespace / "churn" / "v2"
     empty.mkdir(parents=True)  # registered, but holds no model
-    await kube.create(
-        MODEL_VERSIONS,
-        namespace,
-        {
-            "apiVersion": "kubeloop.dev/v1alpha1",
-            "kind": "ModelVersion",
-            "metadata": {"name": "churn-v2"},
-            "spec": {"modelName": "churn", "version": 2, "artifact": {"uri": f"file://{empty}"}},
-        },
-    )
+    await kube.create(MODEL_VERSIONS, namespace, version_doc(2, empty))
     doc = deployment("churn-v1")
     doc["spec"]["rollout"]["maxDuration"] = "20s"
     await serve(kube, namespace, doc)
