@@ -7,7 +7,8 @@ SHELL := /bin/bash
 
 CACHE        ?= $(or $(KUBELOOP_CACHE),$(HOME)/.cache/kubeloop)
 K8S_VERSION  ?= v1.35.4
-PY_HASH      := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# keyed by the dependencies only ([project] up to the scripts), so tool settings don't rebuild it
+PY_HASH      := $(shell sed -n '/^\[project\]/,/^\[project.scripts\]/p' pyproject.toml | sha256sum | cut -c1-12)
 VENV_DIR     := $(CACHE)/venv-$(PY_HASH)
 VENV_STAMP   := .make/venv-$(PY_HASH)
 PY           := .venv/bin/python
@@ -30,7 +31,7 @@ $(VENV_STAMP): pyproject.toml
 	  echo "[venv] creating $(VENV_DIR)"; rm -rf $(VENV_DIR); \
 	  python3.11 -m venv $(VENV_DIR) && \
 	  $(VENV_DIR)/bin/pip install -q --upgrade pip && \
-	  $(VENV_DIR)/bin/pip install -q -e '.[dev,serving]' && touch $(VENV_DIR)/.complete; \
+	  $(VENV_DIR)/bin/pip install -q -e '.[dev,serving,training]' && touch $(VENV_DIR)/.complete; \
 	fi
 	@touch $@
 
@@ -77,14 +78,14 @@ crds-check: venv ## fail if crds/ or the chart differ from the models
 
 .PHONY: lint
 lint: venv ## ruff and mypy --strict
-	@.venv/bin/ruff check operator tests bench hack examples
-	@.venv/bin/ruff format --check operator tests bench hack examples
-	@.venv/bin/mypy operator/kubeloop tests bench hack
+	@.venv/bin/ruff check operator pipelines tests bench hack examples
+	@.venv/bin/ruff format --check operator pipelines tests bench hack examples
+	@.venv/bin/mypy operator/kubeloop pipelines/kubeloop_pipelines tests bench hack
 
 .PHONY: fmt
 fmt: venv ## format the code
-	@.venv/bin/ruff format operator tests bench hack examples
-	@.venv/bin/ruff check --fix operator tests bench hack examples
+	@.venv/bin/ruff format operator pipelines tests bench hack examples
+	@.venv/bin/ruff check --fix operator pipelines tests bench hack examples
 
 ## --- the two commands ----------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """`make demo`: the loop on the embedded local control plane.
 
-Today it shows the registry (ModelVersion): the operator verifies artifacts, keeps one holder
-per alias, indexes each model, and tells the story through `kubectl get`, conditions and
-Events. Later capabilities (TrainingRun, ModelDeployment, DriftPolicy) extend this script.
+1. TrainingRun (examples/02): the operator compiles the spec into a KFP pipeline, runs it with
+   the local executor (kfp.local), shows step and trial progress, and registers the model.
+2. ModelVersion (examples/01): the registry verifies artifacts and keeps one holder per alias.
+3. ModelDeployment (examples/03): a metric-gated canary promotes a good version and rolls a
+   broken one back under real traffic.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def wait_ready(cluster: cluster_mod.Cluster, names: list[str], timeout: float = 
 
 def fresh_namespace(cluster: cluster_mod.Cluster) -> None:
     """Start from an empty namespace so the demo tells the same story every run."""
-    names = kubectl(cluster, "get", "md", "-n", NAMESPACE, "-o", "name", check=False).split()
+    names = kubectl(cluster, "get", "md,tr,mv", "-n", NAMESPACE, "-o", "name", check=False).split()
     for name in names:  # an earlier run that was interrupted may have left finalizers
         kubectl(
             cluster,
@@ -174,6 +176,7 @@ def start_operator(
         "KUBELOOP_PROMETHEUS_URL": prom.url,
         "KUBELOOP_SCRAPE_TARGETS_DIR": str(prom.targets_dir),
         "KUBELOOP_STATE_DIR": str(cluster.state_dir / "operator-state"),
+        "KUBELOOP_EXECUTOR": "local",
     }
     with (cluster.state_dir / "operator-demo.log").open("ab") as log:
         return subprocess.Popen(
@@ -182,6 +185,45 @@ def start_operator(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def training_story(cluster: cluster_mod.Cluster) -> None:
+    say("kubectl apply -f examples/02-train-tabular/  (fraud MLP: SMOTE, TPE tuning, gates)")
+    started = time.monotonic()
+    show(cluster, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "02-train-tabular"))
+    last, deadline = "", started + 600
+    tr: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        tr = json.loads(kubectl(cluster, "get", "tr", "fraud-mlp", "-n", NAMESPACE, "-o", "json"))
+        st = tr.get("status") or {}
+        line = (
+            f"  phase={st.get('phase')} step={st.get('currentStep') or '-'} "
+            f"trials={st.get('trials', {}).get('progress') or '-'} "
+            f"best={st.get('bestMetric') or '-'}"
+        )
+        if line != last:
+            print(f"{time.monotonic() - started:6.1f}s {line}", flush=True)
+            last = line
+        if st.get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(1)
+    took = time.monotonic() - started
+    show(cluster, "get", "tr", "-n", NAMESPACE, "-o", "wide")
+    st = tr.get("status") or {}
+    if st.get("phase") != "Succeeded":
+        ready: dict[str, Any] = next(
+            (c for c in st.get("conditions", []) if c["type"] == "Ready"), {}
+        )
+        raise SystemExit(f"the training run did not succeed: {ready.get('message')}")
+    print(f"trained, evaluated, explained and registered in {took:.0f}s")
+    print(f"test metrics: {json.dumps(st.get('metrics'), indent=None)}")
+    print(f"best hyperparameters: {json.dumps(st.get('trials', {}).get('bestParams'))}")
+    say("where the model, metrics and plots are")
+    for key, uri in sorted((st.get("artifacts") or {}).items()):
+        print(f"  {key:28s} {uri}")
+    show(cluster, "get", "mv", st["modelVersion"], "-n", NAMESPACE)
+    out = kubectl(cluster, "describe", "tr", "fraud-mlp", "-n", NAMESPACE)
+    print(out[out.index("Events:") :] if "Events:" in out else out, flush=True)
 
 
 def registry_story(cluster: cluster_mod.Cluster) -> None:
@@ -289,6 +331,7 @@ def main() -> int:
     operator = start_operator(cluster, prom)
     traffic: list[Traffic] = []
     try:
+        training_story(cluster)
         registry_story(cluster)
         rollout_story(cluster, traffic)
     finally:

@@ -39,6 +39,24 @@ class Settings(BaseSettings):
         description="Check that file:// artifacts exist and match their digest "
         "(the operator must see the same filesystem, as in local mode).",
     )
+    training_image: str = Field(
+        default="ghcr.io/kubeloop/training:0.1.0",
+        description="Image of the pipeline components (images/training).",
+    )
+    kfp_host: str = Field(
+        default="http://ml-pipeline-ui.kubeflow:80",
+        description="Kubeflow Pipelines API for the kfp executor.",
+    )
+    kueue_queue: str = Field(
+        default="",
+        description="Kueue LocalQueue name set as kueue.x-k8s.io/queue-name on pipeline pods.",
+    )
+    gpu_budget: int | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs the TrainingRuns of one namespace may hold at once; a "
+        "ResourceQuota on requests.<gpu resource> in the namespace also limits it.",
+    )
     serving_image: str = Field(
         default="ghcr.io/kubeloop/serving:0.1.0",
         description="Image of the model-serving runtime (images/serving) for KServe.",

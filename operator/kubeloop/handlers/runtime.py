@@ -12,6 +12,7 @@ from typing import Any
 import kopf
 import prometheus_client
 
+from kubeloop.backends.executor import Executor
 from kubeloop.backends.kube import KubeClient, connection_info
 from kubeloop.backends.prometheus import PrometheusClient
 from kubeloop.backends.serving import ServingBackend
@@ -45,6 +46,21 @@ class Runtime:
     locks: defaultdict[tuple[str, ...], asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
+    executors: dict[str, Executor] = field(default_factory=dict)
+
+    def executor(self, name: str) -> Executor:
+        """The TrainingRun executor ``name`` (local or kfp), created on first use: the kfp
+        client is only built when a run asks for it."""
+        if name not in self.executors:
+            if name == "kfp":
+                from kubeloop.backends.executor_kfp import KfpExecutor
+
+                self.executors[name] = KfpExecutor(self.settings.kfp_host)
+            else:
+                from kubeloop.backends.executor_local import LocalExecutor
+
+                self.executors[name] = LocalExecutor(self.settings.state_dir)
+        return self.executors[name]
 
     def lock(self, *key: str) -> asyncio.Lock:
         return self.locks[key]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import torch
-from sklearn.datasets import load_breast_cancer  # type: ignore[import-untyped]
+from sklearn.datasets import load_breast_cancer
 
 from kubeloop.serving.artifact import METADATA_FILE, reference_from_data, save_model
 

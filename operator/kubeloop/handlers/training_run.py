@@ -1,0 +1,381 @@
+"""TrainingRun: compile the spec into a KFP pipeline, run it, track it, register the model.
+
+One kopf daemon per TrainingRun is the only writer of its status. Every pass it compiles the
+spec (cached per generation), looks at the GPU budget, the executor's run, the steps' progress
+records and the evaluation, lets ``planning.training_run`` decide, and carries the decision
+out: submit the attempt (executors are idempotent per attempt, so a restarted operator
+re-attaches instead of starting a second run), cancel a superseded one, register the
+ModelVersion when every gate passed. Then it writes status once and posts the Events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pydantic
+
+from kubeloop import GROUP, VERSION, reasons
+from kubeloop.api.model_version import ModelVersionSpec
+from kubeloop.api.training_run import TrainingRun, TrainingRunStatus
+from kubeloop.backends.executor import Executor, ExecutorError, RunObservation, Submission
+from kubeloop.backends.kube import (
+    MODEL_VERSIONS,
+    RESOURCE_QUOTAS,
+    TRAINING_RUNS,
+    ApiError,
+    KubeClient,
+)
+from kubeloop.handlers import events
+from kubeloop.handlers.errors import parse
+from kubeloop.handlers.runtime import RECONCILE_SECONDS, RECONCILES, Runtime, runtime
+from kubeloop.planning import training_run as plan
+from kubeloop.planning.naming import child_name
+from kubeloop.settings import Settings
+
+log = logging.getLogger("kubeloop.training")
+
+TRAINING_RUN_LABEL = "kubeloop.dev/training-run"
+ATTEMPT_LABEL = "kubeloop.dev/attempt"
+MANIFEST_FILE = "modelversion.json"
+EVALUATION_FILE = "evaluation.json"
+
+
+@dataclass
+class Compiled:
+    generation: int
+    spec_hash: str = ""
+    ir_yaml: str = ""
+    error: str = ""
+
+
+@dataclass
+class RunState:
+    """What one daemon remembers between passes (status it wrote, the compiled pipeline)."""
+
+    status: TrainingRunStatus | None = None
+    compiled: Compiled | None = None
+    last_steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def run_uri(settings: Settings, namespace: str, name: str, attempt: int) -> str:
+    """The attempt's run directory, under the tenant's artifact prefix."""
+    if settings.object_store_prefix:
+        prefix = settings.object_store_prefix.rstrip("/")
+        return f"{prefix}/{namespace}/{name}/attempt-{attempt}"
+    return f"file://{settings.artifact_root}/{namespace}/{name}/attempt-{attempt}"
+
+
+def local_dir(uri: str) -> Path | None:
+    return Path(uri.removeprefix("file://")) if uri.startswith("file://") else None
+
+
+def executor_for(rt: Runtime, tr: TrainingRun) -> Executor:
+    name = tr.spec.executor if tr.spec.executor != "default" else rt.settings.executor
+    return rt.executor(name)
+
+
+async def compile_run(rt: Runtime, tr: TrainingRun) -> Compiled:
+    """The spec as KFP IR; a spec the compiler rejects becomes a message naming the field."""
+    from kubeloop_pipelines.compiler import compile_spec
+
+    generation = tr.metadata.generation
+    try:
+        compiled = await asyncio.to_thread(
+            compile_spec,
+            tr.spec,
+            image=rt.settings.training_image,
+            kueue_queue=rt.settings.kueue_queue,
+        )
+    except (ValueError, TypeError) as exc:
+        return Compiled(generation, error=f"spec cannot be compiled into a pipeline: {exc}")
+    return Compiled(generation, compiled.spec_hash, compiled.ir_yaml)
+
+
+def _quantity(value: str) -> int:
+    try:
+        return int(float(value))
+    except ValueError:
+        return 0
+
+
+async def gpu_budget(rt: Runtime, tr: TrainingRun) -> tuple[int | None, str, int]:
+    """(limit, where it comes from, GPUs held by the namespace's other running runs)."""
+    ns, resource = tr.namespace, tr.spec.resources.gpu_resource
+    limit, source = rt.settings.gpu_budget, "operator setting KUBELOOP_GPU_BUDGET"
+    for quota in await rt.kube.list(RESOURCE_QUOTAS, ns):
+        hard = (quota.get("spec") or {}).get("hard") or {}
+        for key in (f"requests.{resource}", resource):
+            if key in hard:
+                value = _quantity(str(hard[key]))
+                if limit is None or value < limit:
+                    limit, source = value, f"ResourceQuota {quota['metadata']['name']}"
+    if limit is None:
+        return None, "", 0
+    in_use = 0
+    for other in await rt.kube.list(TRAINING_RUNS, ns):
+        if other["metadata"]["name"] == tr.name:
+            continue
+        status = other.get("status") or {}
+        if status.get("phase") == "Running":
+            in_use += int(((other.get("spec") or {}).get("resources") or {}).get("gpu", 0))
+    return limit, source, in_use
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def collect_artifacts(uri: str) -> dict[str, str]:
+    """URIs a person opens: the model, metrics, the reports and plots."""
+    root = local_dir(uri)
+    if root is None or not root.is_dir():
+        return {}
+    found: dict[str, str] = {}
+    if (root / "model").is_dir():
+        found["model"] = f"{uri}/model"
+    for name in ("metrics.json", EVALUATION_FILE):
+        if (root / name).is_file():
+            found[Path(name).stem] = f"{uri}/{name}"
+    for folder in ("reports", "plots"):
+        for path in sorted((root / folder).glob("*"))[:12]:
+            found[f"{folder[:-1]}:{path.stem}"] = f"{uri}/{folder}/{path.name}"
+    return found
+
+
+async def find_registered(kube: KubeClient, tr: TrainingRun, attempt: int) -> str:
+    selector = f"{TRAINING_RUN_LABEL}={tr.name},{ATTEMPT_LABEL}={attempt}"
+    found = await kube.list(MODEL_VERSIONS, tr.namespace, label_selector=selector)
+    return str(found[0]["metadata"]["name"]) if found else ""
+
+
+async def register(rt: Runtime, tr: TrainingRun, uri: str, run_id: str) -> str:
+    """Create the ModelVersion from the register step's manifest: the next version number of
+    the model, labelled with the run and attempt so a restart finds it instead of adding one."""
+    attempt = tr.status.attempt
+    existing = await find_registered(rt.kube, tr, attempt)
+    if existing:
+        return existing
+    root = local_dir(uri)
+    manifest = _read_json(root / MANIFEST_FILE) if root else None
+    if manifest is None:
+        raise ExecutorError(f"{uri}/{MANIFEST_FILE} is missing or unreadable", temporary=False)
+    model = tr.spec.registration.model_name
+    for _ in range(5):
+        items = await rt.kube.request(
+            "GET",
+            MODEL_VERSIONS.path(tr.namespace),
+            params={"fieldSelector": f"spec.modelName={model}"},
+        )
+        version = 1 + max((int(i["spec"]["version"]) for i in items.get("items", [])), default=0)
+        spec = dict(manifest.get("spec") or {})
+        spec.update(modelName=model, version=version)
+        lineage = dict(spec.get("lineage") or {})
+        lineage.update(trainingRun=tr.name, pipelineRunId=run_id, specHash=tr.status.spec_hash)
+        spec["lineage"] = lineage
+        ModelVersionSpec.model_validate(spec)  # the manifest becomes a model at the edge
+        name = child_name(model, f"v{version}")
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ModelVersion",
+            "metadata": {
+                "name": name,
+                "namespace": tr.namespace,
+                "labels": {
+                    **tr.spec.registration.labels,
+                    TRAINING_RUN_LABEL: tr.name,
+                    ATTEMPT_LABEL: str(attempt),
+                },
+            },
+            "spec": spec,
+        }
+        try:
+            await rt.kube.create(MODEL_VERSIONS, tr.namespace, body)
+        except ApiError as exc:
+            if exc.status == 409:  # another run took this version number: take the next
+                continue
+            raise
+        return name
+    raise ExecutorError(f"could not find a free version number for model {model!r}", temporary=True)
+
+
+async def observe(rt: Runtime, tr: TrainingRun, state: RunState) -> tuple[plan.Observed, Executor]:
+    status, now = tr.status, dt.datetime.now(dt.UTC)
+    generation = tr.metadata.generation
+    if state.compiled is None or state.compiled.generation != generation:
+        state.compiled = await compile_run(rt, tr)
+    compiled = state.compiled
+    executor = executor_for(rt, tr)
+    fields: dict[str, Any] = {
+        "generation": generation,
+        "now": now,
+        "spec_hash": compiled.spec_hash,
+        "compile_error": compiled.error,
+    }
+    starting = status.attempt == 0 or status.observed_generation != generation
+    if starting or status.phase in ("Pending", "Queued"):
+        limit, source, in_use = await gpu_budget(rt, tr)
+        fields.update(gpu_limit=limit, gpu_limit_source=source, gpu_in_use=in_use)
+    if status.phase == "Running" and status.run_id and not starting:
+        uri = run_uri(rt.settings, tr.namespace, tr.name, status.attempt)
+        seen = await executor.observe(tr.namespace, tr.name, status.attempt, status.run_id)
+        fields["run"] = plan.RunView(seen.state, seen.message, seen.failed_step, seen.log_tail)
+        root = local_dir(uri)
+        if root is not None:
+            from kubeloop_pipelines.progress import read_steps
+
+            fields["steps"] = await asyncio.to_thread(read_steps, root)
+            fields["artifacts"] = await asyncio.to_thread(collect_artifacts, uri)
+            if seen.state in ("Succeeded", "Failed"):
+                fields["evaluation"] = _read_json(root / EVALUATION_FILE)
+                fields["manifest"] = (root / MANIFEST_FILE).is_file()
+        fields["registered"] = await find_registered(rt.kube, tr, status.attempt)
+    return plan.Observed(**fields), executor
+
+
+def _submission(
+    rt: Runtime, tr: TrainingRun, status: TrainingRunStatus, ir_yaml: str
+) -> Submission:
+    uri = run_uri(rt.settings, tr.namespace, tr.name, status.attempt)
+    return Submission(
+        namespace=tr.namespace,
+        name=tr.name,
+        attempt=status.attempt,
+        ir_yaml=ir_yaml,
+        spec_hash=status.spec_hash,
+        run_uri=uri,
+        arguments={"run_uri": uri},
+        timeout_s=_seconds(tr.spec.timeout),
+    )
+
+
+def _seconds(duration: str) -> float:
+    unit = {"s": 1, "m": 60, "h": 3600}[duration[-1]]
+    return float(duration[:-1]) * unit
+
+
+async def reconcile_training(rt: Runtime, tr: TrainingRun, state: RunState, logger: Any) -> float:
+    """One pass; returns the seconds until the next one is due."""
+    async with rt.lock("gpu-budget", tr.namespace):
+        observed, executor = await observe(rt, tr, state)
+        decision = plan.plan_training(tr.spec, tr.status, observed)
+        new = decision.status
+        if decision.cancel_run_id:
+            await executor.cancel(tr.namespace, tr.name, new.attempt - 1, decision.cancel_run_id)
+        if decision.submit:
+            assert state.compiled is not None
+            new.run_id = await executor.submit(_submission(rt, tr, new, state.compiled.ir_yaml))
+        if decision.register:
+            uri = run_uri(rt.settings, tr.namespace, tr.name, new.attempt)
+            registered = await register(rt, tr, uri, new.run_id)
+            again = plan.plan_training(
+                tr.spec,
+                new,
+                _replace(observed, registered=registered, generation=new.observed_generation),
+            )
+            decision.events += again.events
+            decision.status, new = again.status, again.status
+        await _write(rt, tr, new, decision.events, logger)
+    return decision.requeue_after
+
+
+def _replace(observed: plan.Observed, **changes: Any) -> plan.Observed:
+    from dataclasses import replace
+
+    return replace(observed, **changes)
+
+
+async def _write(
+    rt: Runtime,
+    tr: TrainingRun,
+    status: TrainingRunStatus,
+    decided_events: list[tuple[str, str, str]],
+    logger: Any,
+) -> None:
+    new = status.model_dump(by_alias=True, mode="json")
+    if new != tr.status.model_dump(by_alias=True, mode="json"):
+        await rt.kube.patch(
+            TRAINING_RUNS, tr.namespace, tr.name, {"status": new}, subresource="status"
+        )
+        tr.status = status
+    body = tr.model_dump(by_alias=True, mode="json")
+    for type_, reason, message in decided_events:
+        events.post(body, type_, reason, message)
+        logger.info("%s: %s", reason, message.splitlines()[0] if message else "")
+
+
+def _idle(tr: TrainingRun) -> bool:
+    """Nothing to do until the spec changes or the schedule fires."""
+    status = tr.status
+    if status.attempt == 0 or status.observed_generation != tr.metadata.generation:
+        return False
+    if status.phase not in plan.TERMINAL:
+        return False
+    if tr.spec.schedule:
+        due = plan.next_scheduled(tr.spec.schedule, status)
+        return due is None or dt.datetime.now(dt.UTC) < due
+    return True
+
+
+@kopf.daemon(GROUP, VERSION, "trainingruns", cancellation_timeout=10)
+async def run_training(
+    body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
+) -> None:
+    rt = runtime(memo)
+    state = RunState()
+    failures = 0
+    while not stopped:
+        delay = 1.0
+        try:
+            tr = parse(TrainingRun, body)
+            if state.status is not None and state.status.attempt >= tr.status.attempt:
+                tr.status = state.status  # ours is newer than what the watch may have echoed
+            if _idle(tr):
+                await stopped.wait(1.0)
+                continue
+            with RECONCILE_SECONDS.labels("TrainingRun").time():
+                delay = await reconcile_training(rt, tr, state, logger)
+            state.status = tr.status
+            failures = 0
+            RECONCILES.labels("TrainingRun", "success").inc()
+        except pydantic.ValidationError as exc:
+            RECONCILES.labels("TrainingRun", "invalid").inc()
+            logger.error("TrainingRun cannot be parsed: %s", exc)
+            delay = 30.0
+        except Exception as exc:
+            failures += 1
+            RECONCILES.labels("TrainingRun", "retry").inc()
+            delay = min(2.0 * 2 ** min(failures, 5), 60.0)
+            logger.warning("training pass failed (retry in %.0fs): %s", delay, exc)
+            if failures == 3:
+                events.post(
+                    dict(body),
+                    "Warning",
+                    reasons.EXECUTOR_UNAVAILABLE,
+                    f"{type(exc).__name__}: {exc}",
+                )
+        await stopped.wait(min(max(delay, 0.2), 2.0 if failures == 0 else delay))
+
+
+@kopf.on.delete(GROUP, VERSION, "trainingruns")
+async def delete_training(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Stop the current attempt's run; registered ModelVersions stay (the registry keeps them)."""
+    rt = runtime(memo)
+    tr = parse(TrainingRun, body)
+    if tr.status.run_id and tr.status.phase in plan.ACTIVE:
+        await executor_for(rt, tr).cancel(
+            tr.namespace, tr.name, tr.status.attempt, tr.status.run_id
+        )
+
+
+__all__ = ["RunObservation", "register", "run_training", "run_uri"]

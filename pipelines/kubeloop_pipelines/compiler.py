@@ -1,0 +1,241 @@
+"""TrainingRun spec → KFP v2 pipeline → IR YAML, deterministically.
+
+The same spec (with the same image and Kueue queue) always compiles to byte-identical IR, so
+``spec_hash`` (the sha256 of the IR) says whether a run must start again. The spec itself is
+baked into the IR as the default of the ``spec_json`` parameter (canonical JSON: camelCase,
+defaults filled, keys sorted), so the IR alone describes the run; ``run_uri`` is the one
+argument given at submission.
+
+What varies in KFP's compiled YAML: nothing time- or path-dependent in kfp 2.17 (it dumps with
+sorted keys; ``sdkVersion`` names the kfp release, which is fine); the tests compile in two
+processes with different working directories and hash seeds to keep it that way.
+
+Pipeline: ingest → preprocess → [tune] → train → [optimize] → evaluate → [explain] → register,
+the last one only when evaluate's ``gates_passed`` is true. Every task gets a display name
+(starting with its step's name, capitalised: executors read the failed step from it), the spec's
+caching and retries (backoff 10 s, doubling), and the CPU/memory of ``spec.resources``, its node
+selector and tolerations; the GPU goes to tune and train only (see ``accelerator_resource``).
+With a Kueue queue, every pod carries ``kueue.x-k8s.io/queue-name``.
+
+(No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.)
+"""
+
+import hashlib
+import json
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler as kfp_compiler
+from kfp import dsl
+from kfp import kubernetes as kfp_kubernetes
+
+from kubeloop.api.training_run import TrainingRunSpec
+from kubeloop_pipelines.components import DEFAULT_IMAGE, StepComponents, step_components
+
+__all__ = [
+    "DEFAULT_IMAGE",
+    "DISPLAY_NAMES",
+    "GPU_STEPS",
+    "KUEUE_LABEL",
+    "CompiledPipeline",
+    "accelerator_resource",
+    "build_pipeline",
+    "canonical_spec_json",
+    "compile_spec",
+    "pipeline_name",
+    "selected_steps",
+]
+
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The failed step is the first word of a task's display name, lower-cased (executor_kfp).
+DISPLAY_NAMES = {
+    "ingest": "Ingest data",
+    "preprocess": "Preprocess data",
+    "tune": "Tune hyperparameters",
+    "train": "Train model",
+    "optimize": "Optimize model",
+    "evaluate": "Evaluate model",
+    "explain": "Explain model",
+    "register": "Register model version",
+}
+GPU_STEPS = frozenset({"tune", "train"})
+RETRY_BACKOFF = "10s"
+RETRY_BACKOFF_FACTOR = 2.0
+RETRY_BACKOFF_MAX = "3600s"
+GATES_CONDITION = "gates-passed"
+GATES_OUTPUT = "Output"  # evaluate's bool return value: gates_passed (see components.py)
+
+# KFP builds a pipeline inside a process-global context (the "default pipeline"), so two
+# compilations in two threads (asyncio.to_thread in the operator) would mix their tasks.
+_COMPILE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CompiledPipeline:
+    """A compiled TrainingRun: the IR to submit and what identifies it."""
+
+    ir_yaml: str
+    spec_hash: str  # sha256 hex of ir_yaml
+    spec_json: str  # the canonical spec baked into the IR
+    steps: tuple[str, ...]  # the steps it runs, in order
+    pipeline_name: str
+
+
+def canonical_spec_json(spec: TrainingRunSpec) -> str:
+    """camelCase, defaults filled, keys sorted, no spaces: equal specs give equal text."""
+    data = spec.model_dump(mode="json", by_alias=True)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def optimizes(spec: TrainingRunSpec) -> bool:
+    opt = spec.optimization
+    return opt.pruning > 0 or opt.quantize_int8 or bool(opt.distill_hidden_layers)
+
+
+def selected_steps(spec: TrainingRunSpec) -> tuple[str, ...]:
+    """The steps the spec asks for, in pipeline order."""
+    steps = ["ingest", "preprocess"]
+    if spec.tuning is not None:
+        steps.append("tune")
+    steps.append("train")
+    if optimizes(spec):
+        steps.append("optimize")
+    steps.append("evaluate")
+    if spec.explanation.method != "none":
+        steps.append("explain")
+    steps.append("register")
+    return tuple(steps)
+
+
+def pipeline_name(spec: TrainingRunSpec) -> str:
+    return f"kubeloop-{spec.registration.model_name}"
+
+
+def accelerator_resource(spec: TrainingRunSpec) -> str:
+    """What ``set_accelerator_type`` gets. Kubeflow Pipelines' driver puts it verbatim into the
+    pod's resource limits (``limits[<type>] = <count>``), so it must be an extended resource
+    name: ``resources.acceleratorType`` when it is one (``vendor/name``), else
+    ``resources.gpuResource``. A model name such as ``NVIDIA_H100`` (Vertex AI's vocabulary)
+    would ask for a resource no node has; nodes of a model are chosen with ``nodeSelector``."""
+    accelerator_type = spec.resources.accelerator_type
+    return accelerator_type if "/" in accelerator_type else spec.resources.gpu_resource
+
+
+def _configure(task: Any, step: str, spec: TrainingRunSpec, kueue_queue: str) -> Any:
+    """Display name, caching, retries, resources and placement of one task."""
+    res = spec.resources
+    task.set_display_name(DISPLAY_NAMES[step])
+    task.set_caching_options(spec.caching)
+    task.set_retry(
+        num_retries=spec.retries,
+        backoff_duration=RETRY_BACKOFF,
+        backoff_factor=RETRY_BACKOFF_FACTOR,
+        backoff_max_duration=RETRY_BACKOFF_MAX,
+    )
+    _quantity(task.set_cpu_request, res.cpu, "resources.cpu", "e.g. 500m or 2")
+    _quantity(task.set_cpu_limit, res.cpu, "resources.cpu", "e.g. 500m or 2")
+    _quantity(task.set_memory_request, res.memory, "resources.memory", "e.g. 512Mi or 4Gi")
+    _quantity(task.set_memory_limit, res.memory, "resources.memory", "e.g. 512Mi or 4Gi")
+    if step in GPU_STEPS and res.gpu > 0:
+        task.set_accelerator_type(accelerator_resource(spec))
+        task.set_accelerator_limit(res.gpu)
+    for key, value in sorted(res.node_selector.items()):
+        kfp_kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in res.tolerations:
+        kfp_kubernetes.add_toleration(
+            task,
+            key=tol.key or None,
+            operator=tol.operator,
+            value=tol.value or None,
+            effect=tol.effect or None,
+            toleration_seconds=tol.toleration_seconds,
+        )
+    if kueue_queue:
+        kfp_kubernetes.add_pod_label(task, label_key=KUEUE_LABEL, label_value=kueue_queue)
+    return task
+
+
+def _quantity(setter: Callable[[str], Any], value: str, field: str, accepted: str) -> None:
+    try:
+        setter(value)
+    except ValueError as exc:
+        raise ValueError(
+            f"{field}: {value!r} is not accepted by Kubeflow Pipelines ({accepted}): {exc}"
+        ) from None
+
+
+def build_pipeline(
+    spec: TrainingRunSpec, *, image: str = DEFAULT_IMAGE, kueue_queue: str = ""
+) -> Any:
+    """The KFP pipeline (a ``GraphComponent``) for ``spec``; see the module docstring."""
+    c: StepComponents = step_components(image)
+    spec_default = canonical_spec_json(spec)
+    steps = selected_steps(spec)
+    queue = kueue_queue or spec.resources.queue_name or ""
+
+    def task(step: str, created: Any) -> Any:
+        return _configure(created, step, spec, queue)
+
+    def training_pipeline(run_uri: str, spec_json: str = spec_default) -> None:
+        common = {"spec_json": spec_json, "run_uri": run_uri}
+        ingest = task("ingest", c.ingest(**common))
+        prepared = task(
+            "preprocess", c.preprocess(**common, raw=ingest.outputs["dataset"])
+        ).outputs["prepared"]
+        params = None
+        if "tune" in steps:
+            params = task("tune", c.tune(**common, prepared=prepared)).outputs["params"]
+        train_args: dict[str, Any] = {"prepared": prepared}
+        if params is not None:
+            train_args["params"] = params
+        model = task("train", c.train(**common, **train_args)).outputs["model"]
+        if "optimize" in steps:
+            model = task("optimize", c.optimize(**common, prepared=prepared, model=model)).outputs[
+                "optimized"
+            ]
+        evaluate = task("evaluate", c.evaluate(**common, prepared=prepared, model=model))
+        last = evaluate
+        if "explain" in steps:
+            last = task("explain", c.explain(**common, prepared=prepared, model=model))
+            last.after(evaluate)
+        passed = evaluate.outputs[GATES_OUTPUT]
+        with dsl.If(passed == True, name=GATES_CONDITION):  # noqa: E712 (a KFP expression)
+            register = c.register(
+                **common,
+                raw=ingest.outputs["dataset"],
+                model=model,
+                evaluation=evaluate.outputs["evaluation"],
+            )
+            task("register", register).after(last)
+
+    training_pipeline.__doc__ = (
+        f"kubeloop TrainingRun for model {spec.registration.model_name}: {' → '.join(steps)}."
+    )
+    return dsl.pipeline(name=pipeline_name(spec))(training_pipeline)
+
+
+def compile_spec(
+    spec: TrainingRunSpec, *, image: str = DEFAULT_IMAGE, kueue_queue: str = ""
+) -> CompiledPipeline:
+    """Compile ``spec`` into KFP IR YAML (deterministic; see the module docstring).
+
+    Raises ``ValueError`` naming the spec field when KFP refuses a value (e.g. a CPU quantity).
+    """
+    with _COMPILE_LOCK, tempfile.TemporaryDirectory(prefix="kubeloop-compile-") as tmp:
+        package = Path(tmp) / "pipeline.yaml"
+        pipeline = build_pipeline(spec, image=image, kueue_queue=kueue_queue)
+        kfp_compiler.Compiler().compile(pipeline, package_path=str(package))
+        ir_yaml = package.read_text()
+        if tmp in ir_yaml:  # defensive: the IR must not depend on where it was compiled
+            ir_yaml = ir_yaml.replace(tmp, "")
+    return CompiledPipeline(
+        ir_yaml=ir_yaml,
+        spec_hash=hashlib.sha256(ir_yaml.encode()).hexdigest(),
+        spec_json=canonical_spec_json(spec),
+        steps=selected_steps(spec),
+        pipeline_name=pipeline_name(spec),
+    )

@@ -1,0 +1,1 @@
+"""Tests of the training pipeline package (kubeloop_pipelines)."""

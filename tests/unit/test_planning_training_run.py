@@ -1,0 +1,220 @@
+"""The TrainingRun state machine, without any server: attempts, budget, progress, gates."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from kubeloop import reasons
+from kubeloop.api.training_run import TrainingRunSpec, TrainingRunStatus
+from kubeloop.planning.conditions import find
+from kubeloop.planning.training_run import Observed, RunView, plan_training
+
+NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
+
+
+def spec(**extra: Any) -> TrainingRunSpec:
+    body: dict[str, Any] = {
+        "data": {"uri": "builtin://breast-cancer", "target": "label"},
+        "registration": {"modelName": "cancer"},
+        "evaluation": {"gates": [{"metric": "f1", "op": ">=", "value": 0.9}]},
+    }
+    body.update(extra)
+    return TrainingRunSpec.model_validate(body)
+
+
+def obs(**fields: Any) -> Observed:
+    base: dict[str, Any] = {"generation": 1, "now": NOW, "spec_hash": "a" * 64}
+    base.update(fields)
+    return Observed(**base)
+
+
+def ready(status: TrainingRunStatus) -> tuple[str, str, str]:
+    cond = find(status.conditions, "Ready")
+    assert cond is not None
+    return cond.status, cond.reason, cond.message
+
+
+def running(**extra: Any) -> TrainingRunStatus:
+    first = plan_training(spec(), TrainingRunStatus(), obs())
+    status = first.status
+    status.run_id = "local-1"
+    for key, value in extra.items():
+        setattr(status, key, value)
+    return status
+
+
+def test_first_pass_submits_attempt_one_with_the_pipeline_hash() -> None:
+    decision = plan_training(spec(), TrainingRunStatus(), obs())
+    assert decision.submit
+    assert decision.status.phase == "Running"
+    assert decision.status.attempt == 1
+    assert decision.status.spec_hash == "a" * 64
+    assert ready(decision.status)[:2] == ("False", reasons.RUNNING)
+    assert [e[1] for e in decision.events] == [reasons.ATTEMPT_STARTED, reasons.SUBMITTED]
+
+
+def test_a_running_attempt_is_not_submitted_twice() -> None:
+    decision = plan_training(spec(), running(), obs(run=RunView("Running")))
+    assert not decision.submit
+    assert decision.status.attempt == 1
+
+
+def test_progress_shows_the_running_step_and_trials() -> None:
+    steps = {
+        "ingest": {"step": "ingest", "state": "Succeeded", "startedAt": "2026-11-26T11:00:00Z"},
+        "tune": {
+            "step": "tune",
+            "state": "Running",
+            "startedAt": "2026-11-26T11:01:00Z",
+            "message": "trial 7/20",
+            "trials": {
+                "completed": 7,
+                "total": 20,
+                "pruned": 2,
+                "bestParams": {"learningRate": 0.003},
+                "bestValue": 0.91,
+            },
+        },
+    }
+    decision = plan_training(spec(), running(), obs(run=RunView("Running"), steps=steps))
+    status = decision.status
+    assert status.current_step == "tune"
+    assert status.trials.progress == "7/20"
+    assert status.trials.pruned == 2
+    assert status.trials.best_params == {"learningRate": "0.003"}
+    assert "trial 7/20" in ready(status)[2]
+    assert (reasons.STEP_STARTED, "step tune") in [(e[1], e[2]) for e in decision.events]
+
+
+def test_gpu_over_the_namespace_budget_waits_in_queued() -> None:
+    gpu_spec = spec(resources={"gpu": 2})
+    decision = plan_training(
+        gpu_spec,
+        TrainingRunStatus(),
+        obs(gpu_limit=4, gpu_in_use=3, gpu_limit_source="ResourceQuota q"),
+    )
+    assert not decision.submit
+    assert decision.status.phase == "Queued"
+    state, reason, message = ready(decision.status)
+    assert (state, reason) == ("False", reasons.QUEUED)
+    assert "spec.resources.gpu=2" in message
+    assert "3 of 4" in message
+    # once GPUs free up, the queued attempt is submitted (still attempt 1)
+    later = plan_training(gpu_spec, decision.status, obs(gpu_limit=4, gpu_in_use=2))
+    assert later.submit
+    assert later.status.attempt == 1
+    assert later.status.phase == "Running"
+
+
+def test_an_impossible_gpu_request_fails_naming_the_field() -> None:
+    decision = plan_training(spec(resources={"gpu": 8}), TrainingRunStatus(), obs(gpu_limit=4))
+    assert not decision.submit
+    assert decision.status.phase == "Failed"
+    state, reason, message = ready(decision.status)
+    assert (state, reason) == ("False", reasons.GPU_REQUEST_IMPOSSIBLE)
+    assert "spec.resources.gpu=8" in message
+
+
+def test_a_compile_error_fails_the_attempt() -> None:
+    decision = plan_training(spec(), TrainingRunStatus(), obs(compile_error="spec.x: bad"))
+    assert decision.status.phase == "Failed"
+    assert ready(decision.status)[1] == reasons.INVALID_SPEC
+
+
+def test_a_permanent_step_error_names_the_field() -> None:
+    steps = {
+        "ingest": {
+            "step": "ingest",
+            "state": "Failed",
+            "permanent": True,
+            "field": "data.target",
+            "message": "column 'nope' not found; columns are: a, b",
+        }
+    }
+    decision = plan_training(spec(), running(), obs(run=RunView("Failed"), steps=steps))
+    state, reason, message = ready(decision.status)
+    assert (state, reason) == ("False", reasons.INVALID_INPUT)
+    assert "step ingest failed: spec.data.target:" in message
+
+
+def test_a_step_failing_after_retries_shows_the_log_tail() -> None:
+    steps = {"train": {"step": "train", "state": "Failed", "tries": 3, "message": "CUDA OOM"}}
+    run = RunView("Failed", failed_step="train", log_tail="line 1\nRuntimeError: CUDA OOM")
+    decision = plan_training(spec(), running(), obs(run=run, steps=steps))
+    _state, reason, message = ready(decision.status)
+    assert reason == reasons.STEP_FAILED
+    assert "step train failed after retries: CUDA OOM" in message
+    assert "RuntimeError: CUDA OOM" in message
+
+
+def test_failed_gates_register_nothing() -> None:
+    evaluation = {
+        "metrics": {"f1": 0.8},
+        "gatesPassed": False,
+        "gates": [{"metric": "f1", "op": ">=", "threshold": 0.9, "value": 0.8, "passed": False}],
+    }
+    decision = plan_training(
+        spec(), running(), obs(run=RunView("Succeeded"), evaluation=evaluation)
+    )
+    assert not decision.register
+    assert decision.status.phase == "Failed"
+    assert ready(decision.status)[1] == reasons.GATES_FAILED
+    gates = find(decision.status.conditions, "GatesPassed")
+    assert gates is not None
+    assert gates.status == "False"
+    assert "f1=0.8 >= 0.9 FAILED" in gates.message
+
+
+def test_passed_gates_register_then_succeed() -> None:
+    evaluation = {
+        "metrics": {"f1": 0.97, "accuracy": 0.96},
+        "gatesPassed": True,
+        "gates": [{"metric": "f1", "op": ">=", "threshold": 0.9, "value": 0.97, "passed": True}],
+    }
+    seen = obs(run=RunView("Succeeded"), evaluation=evaluation, manifest=True)
+    first = plan_training(spec(), running(), seen)
+    assert first.register
+    assert first.status.phase == "Running"
+    done = plan_training(
+        spec(),
+        first.status,
+        obs(run=RunView("Succeeded"), evaluation=evaluation, manifest=True, registered="cancer-v3"),
+    )
+    assert not done.register
+    assert done.status.phase == "Succeeded"
+    assert done.status.model_version == "cancer-v3"
+    assert done.status.best_metric == "f1=0.97"
+    assert ready(done.status)[:2] == ("True", reasons.REGISTERED)
+
+
+def test_a_spec_change_supersedes_the_running_attempt_and_keeps_history() -> None:
+    decision = plan_training(spec(), running(), obs(generation=2, run=RunView("Running")))
+    assert decision.cancel_run_id == "local-1"
+    assert decision.submit
+    status = decision.status
+    assert status.attempt == 2
+    assert status.observed_generation == 2
+    assert [(h.number, h.result) for h in status.history] == [(1, "Superseded")]
+
+
+def test_a_lost_run_is_resubmitted_as_the_same_attempt() -> None:
+    decision = plan_training(spec(), running(), obs(run=RunView("Unknown")))
+    assert decision.submit
+    assert decision.status.attempt == 1
+
+
+@pytest.mark.parametrize(("minutes", "due"), [(30, False), (61, True)], ids=["not-yet", "due"])
+def test_the_schedule_starts_a_new_attempt_when_due(minutes: int, due: bool) -> None:
+    status = running(phase="Succeeded", started_at="2026-11-26T12:00:00Z")
+    later = obs(now=NOW + dt.timedelta(minutes=minutes))
+    decision = plan_training(spec(schedule="@hourly"), status, later)
+    assert decision.submit is due
+    if due:
+        assert decision.status.attempt == 2
+        assert decision.status.history[-1].result == "Succeeded"
+        assert decision.status.last_scheduled_at
+    else:
+        assert 0 < decision.requeue_after <= 30 * 60
