@@ -4,7 +4,8 @@ the fp32 model it came from (the named baseline, measured in the same run, same 
 Both are measured as serving runs them (``ml/optimize.measure``): the network behind its
 standard scaling, exported with ``torch.export`` (dynamic batch) and decomposed to aten ops,
 on one intra-op thread; latency is the median of ``--calls`` calls, at the serving batch size
-(32 rows) and at one row, and each figure is the median over ``--rounds`` interleaved rounds.
+(32 rows) and at one row, and each figure is the median over ``--rounds`` rounds that time
+fp32 and int8 in turn (``ml/optimize.time_variants``).
 Also recorded: the same ratio for the eager (not exported) modules, the accuracy on a held-out
 split and whether the optimisation step would keep int8 by its rule (speed-up >= 1.5x and an
 accuracy drop of at most 0.5 points). Models: the pipeline's default breast-cancer MLP
@@ -19,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "operator"))
 from kubeloop.api.training_run import ModelSpec  # noqa: E402
 from kubeloop.serving.samples import breast_cancer  # noqa: E402
 from kubeloop_pipelines.ml import optimize as opt  # noqa: E402
-from kubeloop_pipelines.ml.evaluate import SERVING_BATCH, median_latency_ms  # noqa: E402
+from kubeloop_pipelines.ml.evaluate import SERVING_BATCH  # noqa: E402
 from kubeloop_pipelines.ml.train import fit  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -85,11 +85,11 @@ def train(hidden: list[int], d: dict[str, Any]) -> nn.Module:
     return result.module.eval()
 
 
-def eager_ratio(fp32: nn.Module, int8: nn.Module, rows: torch.Tensor, calls: int) -> float:
-    batch = rows[torch.arange(SERVING_BATCH) % len(rows)]
-    return median_latency_ms(int8, batch, repeats=calls) / median_latency_ms(
-        fp32, batch, repeats=calls
-    )
+def eager_ratio(fp32: nn.Module, int8: nn.Module, rows: np.ndarray[Any, Any], args: Any) -> float:
+    """The same ratio for the eager modules (not exported), timed the same way."""
+    eager = [opt.Variant(name, m, runner=m) for name, m in (("fp32", fp32), ("int8", int8))]
+    opt.time_variants(eager, rows, rounds=args.rounds, repeats=args.calls, threads=args.threads)
+    return eager[1].latency_ms / eager[0].latency_ms
 
 
 def bench_model(name: str, hidden: list[int], d: dict[str, Any], args: Any) -> dict[str, Any]:
@@ -99,19 +99,15 @@ def bench_model(name: str, hidden: list[int], d: dict[str, Any], args: Any) -> d
     common: dict[str, Any] = {
         "serve": lambda n: nn.Sequential(d["transform"], n), "rows": d["x_test"],
         "y": d["y_test"], "task": "classification", "classes": ["malignant", "benign"],
-        "metric": "accuracy", "repeats": args.calls, "threads": args.threads,
+        "metric": "accuracy", "timed": False,
     }  # fmt: skip
-    rounds: list[tuple[opt.Variant, opt.Variant]] = []
-    for _ in range(args.rounds):  # interleaved, so drift in the machine hits both alike
-        base = opt.measure(opt.Variant("baseline", net), **common)
-        quant = opt.measure(opt.Variant("int8", int8_net), **common)
-        rounds.append((base, quant))
-    base, quant = rounds[-1]
-    for key in ("latency_ms", "latency_ms_b1"):
-        setattr(base, key, statistics.median(getattr(b, key) for b, _ in rounds))
-        setattr(quant, key, statistics.median(getattr(q, key) for _, q in rounds))
+    base = opt.measure(opt.Variant("baseline", net), **common)
+    quant = opt.measure(opt.Variant("int8", int8_net), **common)
+    # Interleaved rounds, so a busy moment of the machine hits both alike.
+    opt.time_variants(
+        [base, quant], d["x_test"], rounds=args.rounds, repeats=args.calls, threads=args.threads
+    )
     opt.choose_variant(base, [quant], MAX_DROP, MIN_SPEEDUP, metric="accuracy")
-    rows = torch.as_tensor(d["x_test"], dtype=torch.float32)
     served_fp32 = nn.Sequential(d["transform"], net).eval()
     served_int8 = nn.Sequential(d["transform"], int8_net).eval()
     figure = {
@@ -122,7 +118,7 @@ def bench_model(name: str, hidden: list[int], d: dict[str, Any], args: Any) -> d
         "ratio_latency_b32_int8_over_fp32": quant.latency_ms / base.latency_ms,
         "ratio_latency_b1_int8_over_fp32": quant.latency_ms_b1 / base.latency_ms_b1,
         "ratio_latency_b32_eager_int8_over_fp32": eager_ratio(
-            served_fp32, served_int8, rows, args.calls
+            served_fp32, served_int8, d["x_test"], args
         ),
         "accuracy_delta_points": 100 * (quant.score - base.score),
         "kept": quant.status == "kept",
@@ -134,7 +130,7 @@ def bench_model(name: str, hidden: list[int], d: dict[str, Any], args: Any) -> d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--calls", type=int, default=200, help="timed calls per median")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
     args = parser.parse_args()
     d = data()

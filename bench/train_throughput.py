@@ -8,8 +8,12 @@ does. Throughput counts training passes only (``FitResult.train_samples_per_s``:
 backward and optimiser step, not the per-epoch validation); each figure is the median of
 ``--repeats`` fits after a warm-up fit on the same device.
 
-    .venv/bin/python bench/train_throughput.py            # about 2 minutes on 2 CPU cores
-    .venv/bin/python bench/train_throughput.py --quick    # about 20 s
+    .venv/bin/python bench/train_throughput.py --threads 1   # about 30 s on 2 CPU cores
+    .venv/bin/python bench/train_throughput.py --quick       # about 10 s
+
+``--threads`` matters for the small network on a shared CPU: on a 2-core box with other work
+running, two intra-op threads made batch-64 steps of the default MLP about 10x slower than one
+thread (threads wait on each other); the kept result was measured with ``--threads 1``.
 """
 
 from __future__ import annotations

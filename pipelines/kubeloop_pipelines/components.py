@@ -96,9 +96,11 @@ def train(
     serving artifact; the learning curves go to an HTML page."""
     from kubeloop_pipelines.runtime import run_step
 
+    # Without tuning, a params file that does not exist: train uses the spec's hyperparameters.
+    untuned = model.path.rstrip("/") + ".untuned-params.json"
     paths = {
         "prepared_dir": prepared.path,
-        "params_path": params.path if params is not None else None,
+        "params_path": params.path if params is not None else untuned,
         "model_dir": model.path,
         "curves_html": curves.path,
     }

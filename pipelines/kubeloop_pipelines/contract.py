@@ -14,7 +14,7 @@ prepared dataset (preprocess → tune/train/evaluate/explain/optimise)::
 
     train.npz  validation.npz  test.npz   # arrays ``x`` (float32 (n, d); int64 token ids for
                                           # text) and ``y`` (int64 class index | float32 value)
-    transform.json                        # the fitted transforms (see ml/preprocess.py)
+    transform.json                        # the fitted transforms (see ml/transforms.py)
     schema.json                           # copied from the raw dataset
     quality.json                          # before/after data-quality report
 
@@ -49,7 +49,7 @@ EVALUATION_FILE = "evaluation.json"
 MANIFEST_FILE = "modelversion.json"
 
 # Steps in pipeline order; the operator shows the running one in `kubectl get tr`.
-STEPS = ("ingest", "preprocess", "tune", "train", "evaluate", "explain", "optimize", "register")
+STEPS = ("ingest", "preprocess", "tune", "train", "optimize", "evaluate", "explain", "register")
 
 
 class StepError(Exception):

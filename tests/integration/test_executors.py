@@ -34,12 +34,13 @@ from kubeloop.backends.executor import (
 from kubeloop.backends.executor_kfp import KfpExecutor
 from kubeloop.backends.executor_local import LocalExecutor
 from kubeloop_pipelines.compiler import compile_spec
+from kubeloop_pipelines.contract import MANIFEST_FILE
 from tests.conftest import ROOT
 from tests.fakes.kfp_api import FakeKfpApi
 
 SPEC = TrainingRunSpec.model_validate(
     {
-        "data": {"uri": "builtin://breast-cancer", "target": "target"},
+        "data": {"uri": "builtin://breast-cancer", "target": "label"},
         "model": {"epochs": 3, "hiddenLayers": [16]},
         "explanation": {"method": "none"},
         "resources": {"cpu": "1", "memory": "1Gi"},
@@ -487,8 +488,11 @@ async def test_local_trains_breast_cancer_end_to_end(local: LocalExecutor, tmp_p
     records = {p.stem: json.loads(p.read_text()) for p in (run_dir / "steps").glob("*.json")}
     assert set(records) == set(compiled.steps)
     assert all(r["state"] == "Succeeded" for r in records.values()), records
-    assert (run_dir / "evaluation.json").is_file()
-    assert (run_dir / "modelversion.json").is_file()
+    assert records["evaluate"]["outputs"]["gates_passed"] is True
+    published = [p for r in records.values() for p in (r.get("published") or {}).values()]
+    assert published
+    assert all((run_dir / p).exists() for p in published), published
+    assert (run_dir / MANIFEST_FILE).is_file()  # registered: the gates passed
 
 
 def _all_pids() -> list[int]:

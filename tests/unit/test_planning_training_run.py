@@ -154,7 +154,8 @@ def test_failed_gates_register_nothing() -> None:
     evaluation = {
         "metrics": {"f1": 0.8},
         "gatesPassed": False,
-        "gates": [{"metric": "f1", "op": ">=", "threshold": 0.9, "value": 0.8, "passed": False}],
+        "gates": [{"metric": "f1", "op": ">=", "threshold": 0.9, "actual": 0.8, "passed": False}],
+        "gateSummary": "f1=0.8>=0.9 ✗",
     }
     decision = plan_training(
         spec(), running(), obs(run=RunView("Succeeded"), evaluation=evaluation)
@@ -165,14 +166,16 @@ def test_failed_gates_register_nothing() -> None:
     gates = find(decision.status.conditions, "GatesPassed")
     assert gates is not None
     assert gates.status == "False"
-    assert "f1=0.8 >= 0.9 FAILED" in gates.message
+    assert "f1=0.8>=0.9 ✗" in gates.message
 
 
 def test_passed_gates_register_then_succeed() -> None:
     evaluation = {
         "metrics": {"f1": 0.97, "accuracy": 0.96},
         "gatesPassed": True,
-        "gates": [{"metric": "f1", "op": ">=", "threshold": 0.9, "value": 0.97, "passed": True}],
+        "gates": [
+            {"metric": "f1", "op": ">=", "threshold": 0.9, "actual": 0.97, "text": "f1=0.97>=0.9 ✓"}
+        ],
     }
     seen = obs(run=RunView("Succeeded"), evaluation=evaluation, manifest=True)
     first = plan_training(spec(), running(), seen)
@@ -193,6 +196,7 @@ def test_passed_gates_register_then_succeed() -> None:
 def test_a_spec_change_supersedes_the_running_attempt_and_keeps_history() -> None:
     decision = plan_training(spec(), running(), obs(generation=2, run=RunView("Running")))
     assert decision.cancel_run_id == "local-1"
+    assert decision.cancel_attempt == 1
     assert decision.submit
     status = decision.status
     assert status.attempt == 2
@@ -218,3 +222,14 @@ def test_the_schedule_starts_a_new_attempt_when_due(minutes: int, due: bool) -> 
         assert decision.status.last_scheduled_at
     else:
         assert 0 < decision.requeue_after <= 30 * 60
+
+
+def test_an_attempt_past_its_timeout_is_stopped_and_failed() -> None:
+    status = running(started_at="2026-11-26T10:00:00Z", current_step="train")
+    decision = plan_training(spec(timeout="1h"), status, obs(run=RunView("Running")))
+    assert decision.cancel_run_id == "local-1"
+    assert decision.cancel_attempt == 1
+    assert decision.status.phase == "Failed"
+    state, reason, message = ready(decision.status)
+    assert (state, reason) == ("False", reasons.TIMED_OUT)
+    assert "spec.timeout=1h" in message

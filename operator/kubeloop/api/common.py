@@ -77,8 +77,9 @@ class ComputeResources(ApiModel):
     ] = Field(default="nvidia.com/gpu", description="Extended resource name of the accelerator.")
     accelerator_type: Annotated[str, StringConstraints(max_length=63)] = Field(
         default="",
-        description="Accelerator type for node selection, e.g. NVIDIA_H100 (KFP's "
-        "set_accelerator_type).",
+        description="A specific accelerator resource for the train/tune tasks (KFP's "
+        "set_accelerator_type writes it into the pod's limits), e.g. nvidia.com/mig-1g.10gb; "
+        "empty uses gpuResource. Pick a GPU model with nodeSelector.",
     )
     node_selector: LabelMap = Field(
         default_factory=dict, description="Node labels the pods must match."

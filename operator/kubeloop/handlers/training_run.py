@@ -64,12 +64,19 @@ class RunState:
     last_steps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def run_uri(settings: Settings, namespace: str, name: str, attempt: int) -> str:
+def run_key(tr: TrainingRun) -> str:
+    """The run's name in executors and artifact paths: name plus a piece of the uid, so a
+    TrainingRun deleted and created again under the same name never sees the old runs."""
+    uid = tr.metadata.uid.replace("-", "")[:8]
+    return f"{tr.name}-{uid}" if uid else tr.name
+
+
+def run_uri(settings: Settings, tr: TrainingRun, attempt: int) -> str:
     """The attempt's run directory, under the tenant's artifact prefix."""
+    where = f"{tr.namespace}/{run_key(tr)}/attempt-{attempt}"
     if settings.object_store_prefix:
-        prefix = settings.object_store_prefix.rstrip("/")
-        return f"{prefix}/{namespace}/{name}/attempt-{attempt}"
-    return f"file://{settings.artifact_root}/{namespace}/{name}/attempt-{attempt}"
+        return f"{settings.object_store_prefix.rstrip('/')}/{where}"
+    return f"file://{settings.artifact_root}/{where}"
 
 
 def local_dir(uri: str) -> Path | None:
@@ -227,8 +234,8 @@ async def observe(rt: Runtime, tr: TrainingRun, state: RunState) -> tuple[plan.O
         limit, source, in_use = await gpu_budget(rt, tr)
         fields.update(gpu_limit=limit, gpu_limit_source=source, gpu_in_use=in_use)
     if status.phase == "Running" and status.run_id and not starting:
-        uri = run_uri(rt.settings, tr.namespace, tr.name, status.attempt)
-        seen = await executor.observe(tr.namespace, tr.name, status.attempt, status.run_id)
+        uri = run_uri(rt.settings, tr, status.attempt)
+        seen = await executor.observe(tr.namespace, run_key(tr), status.attempt, status.run_id)
         fields["run"] = plan.RunView(seen.state, seen.message, seen.failed_step, seen.log_tail)
         root = local_dir(uri)
         if root is not None:
@@ -246,10 +253,10 @@ async def observe(rt: Runtime, tr: TrainingRun, state: RunState) -> tuple[plan.O
 def _submission(
     rt: Runtime, tr: TrainingRun, status: TrainingRunStatus, ir_yaml: str
 ) -> Submission:
-    uri = run_uri(rt.settings, tr.namespace, tr.name, status.attempt)
+    uri = run_uri(rt.settings, tr, status.attempt)
     return Submission(
         namespace=tr.namespace,
-        name=tr.name,
+        name=run_key(tr),
         attempt=status.attempt,
         ir_yaml=ir_yaml,
         spec_hash=status.spec_hash,
@@ -271,12 +278,14 @@ async def reconcile_training(rt: Runtime, tr: TrainingRun, state: RunState, logg
         decision = plan.plan_training(tr.spec, tr.status, observed)
         new = decision.status
         if decision.cancel_run_id:
-            await executor.cancel(tr.namespace, tr.name, new.attempt - 1, decision.cancel_run_id)
+            await executor.cancel(
+                tr.namespace, run_key(tr), decision.cancel_attempt, decision.cancel_run_id
+            )
         if decision.submit:
             assert state.compiled is not None
             new.run_id = await executor.submit(_submission(rt, tr, new, state.compiled.ir_yaml))
         if decision.register:
-            uri = run_uri(rt.settings, tr.namespace, tr.name, new.attempt)
+            uri = run_uri(rt.settings, tr, new.attempt)
             registered = await register(rt, tr, uri, new.run_id)
             again = plan.plan_training(
                 tr.spec,
@@ -374,7 +383,7 @@ async def delete_training(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     tr = parse(TrainingRun, body)
     if tr.status.run_id and tr.status.phase in plan.ACTIVE:
         await executor_for(rt, tr).cancel(
-            tr.namespace, tr.name, tr.status.attempt, tr.status.run_id
+            tr.namespace, run_key(tr), tr.status.attempt, tr.status.run_id
         )
 
 

@@ -65,6 +65,7 @@ class Decision:
     status: TrainingRunStatus
     submit: bool = False
     cancel_run_id: str = ""
+    cancel_attempt: int = 0
     register: bool = False
     events: list[tuple[str, str, str]] = field(default_factory=list)
     requeue_after: float = POLL_RUNNING_S
@@ -224,14 +225,12 @@ def _best_metric(spec: TrainingRunSpec, metrics: dict[str, float]) -> str:
 
 
 def _gate_summary(evaluation: dict[str, Any]) -> str:
-    parts = []
-    for gate in evaluation.get("gates") or []:
-        mark = "passed" if gate.get("passed") else "FAILED"
-        parts.append(
-            f"{gate.get('metric')}={gate.get('value', float('nan')):.4g} "
-            f"{gate.get('op')} {gate.get('threshold')} {mark}"
-        )
-    return "; ".join(parts) or "no gates"
+    """The evaluate step's one-line summary, e.g. ``f1=0.97>=0.9 ✓ recall=0.6>=0.7 ✗``."""
+    summary = evaluation.get("gateSummary")
+    if summary:
+        return str(summary)
+    texts = [str(g.get("text", "")) for g in evaluation.get("gates") or []]
+    return " ".join(t for t in texts if t) or "no gates"
 
 
 def _failed_run_message(steps: dict[str, dict[str, Any]], run: RunView) -> tuple[str, str]:
@@ -270,7 +269,9 @@ def plan_training(spec: TrainingRunSpec, status: TrainingRunStatus, obs: Observe
                 reason=reasons.PENDING,
                 message="not evaluated yet",
             )
-    decision = Decision(status, cancel_run_id=cancel, events=events)
+    decision = Decision(
+        status, cancel_run_id=cancel, cancel_attempt=status.attempt - 1, events=events
+    )
 
     if obs.compile_error and status.phase in ACTIVE:
         decision.events += _fail(status, obs, reasons.INVALID_SPEC, obs.compile_error)
@@ -310,6 +311,21 @@ def _plan_admission(
     decision.events.append(("Normal", reasons.SUBMITTED, message))
 
 
+def _overdue(spec: TrainingRunSpec, status: TrainingRunStatus, now: dt.datetime) -> str:
+    """Why the attempt ran past ``spec.timeout`` ('' while within it)."""
+    if not status.started_at:
+        return ""
+    started = dt.datetime.strptime(status.started_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    unit = {"s": 1, "m": 60, "h": 3600}[spec.timeout[-1]]
+    limit = dt.timedelta(seconds=float(spec.timeout[:-1]) * unit)
+    if now - started <= limit:
+        return ""
+    return (
+        f"attempt {status.attempt} ran longer than spec.timeout={spec.timeout} "
+        f"(step {status.current_step or 'unknown'}); the run was stopped"
+    )
+
+
 def _plan_running(
     spec: TrainingRunSpec, status: TrainingRunStatus, obs: Observed, decision: Decision
 ) -> None:
@@ -334,6 +350,11 @@ def _plan_running(
             message=f"retried: {names}",
         )
     run = obs.run
+    overdue = _overdue(spec, status, obs.now)
+    if overdue and (run is None or run.state in ("Pending", "Running")):
+        decision.cancel_run_id, decision.cancel_attempt = status.run_id, status.attempt
+        decision.events += _fail(status, obs, reasons.TIMED_OUT, overdue)
+        return
     if run is None or run.state in ("Pending", "Running"):
         step = status.current_step or "starting"
         detail = f"step {step}" + (f": {message}" if message else "")
@@ -352,7 +373,13 @@ def _plan_running(
             reason, text = reasons.GATES_FAILED, _gate_summary(obs.evaluation)
         decision.events += _fail(status, obs, reason, text)
         return
-    # Succeeded: the evaluation decides; the operator registers only when every gate passed.
+    _plan_succeeded(spec, status, obs, decision)
+
+
+def _plan_succeeded(
+    spec: TrainingRunSpec, status: TrainingRunStatus, obs: Observed, decision: Decision
+) -> None:
+    """The pipeline finished: the evaluation decides; register only when every gate passed."""
     evaluation = obs.evaluation or {}
     status.metrics = {
         str(k): float(v)

@@ -1,1 +1,2 @@
-"""The machine learning of the pipeline, plain Python (no KFP): data, models, training, tuning, evaluation, explanation, optimisation."""
+"""The machine learning of the pipeline, plain Python (no KFP): data, preprocessing, models,
+training, tuning, evaluation, explanation and optimisation."""

@@ -24,7 +24,7 @@ from kubeloop.api.training_run import Imbalance, ModelSpec
 from kubeloop_pipelines.contract import StepError
 
 FAMILIES = ("mlp", "cnn", "resnet", "transformer")
-PAD_ID = 0  # token id 0 pads text sequences (ml/preprocess.py)
+PAD_ID = 0  # token id 0 pads text sequences (ml/text.py)
 
 # Hyperparameters a search space may name: the camelCase fields of ``model`` (optionally as
 # ``model.<name>``) and these of ``imbalance``. earlyStopping is a section, not a value.
@@ -43,13 +43,10 @@ def param_key(name: str) -> str:
     return name.removeprefix("model.")
 
 
-def is_tunable(name: str) -> bool:
-    return param_key(name) in TUNABLE_PARAMS
-
-
 def parse_param(name: str, value: Any) -> Any:
     """A search-space value as the spec field wants it: categorical values arrive as strings,
-    so ``"64,32"`` becomes ``[64, 32]`` for a list field and ``"true"`` becomes ``True``."""
+    so ``"64,32"`` becomes ``[64, 32]`` for a list field (scalars such as ``"0.1"`` or
+    ``"true"`` are converted by the spec model's own validation)."""
     key = param_key(name)
     if key in LIST_PARAMS and isinstance(value, str):
         parts = [p.strip() for p in value.replace(";", ",").split(",") if p.strip()]
@@ -63,8 +60,6 @@ def parse_param(name: str, value: Any) -> Any:
             ) from None
     if key in LIST_PARAMS and isinstance(value, int | float):
         return [int(value)]
-    if key == "batchNorm" and isinstance(value, str):
-        return value.strip().lower() in {"true", "1", "yes", "on"}
     return value
 
 

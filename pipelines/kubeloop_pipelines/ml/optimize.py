@@ -10,11 +10,12 @@ Variants of the eager network (the module without the input transforms):
   temperature T) plus the hard labels (cross-entropy), or on the teacher's values (regression).
 
 Every variant (and the fp32 ``baseline``) is measured the way serving runs it: ``serve(net)``
-(the network behind the input transforms) is exported with ``torch.export`` (dynamic batch) and
-decomposed to core aten ops, so a torchao-quantised program needs no torchao to load; then the
-objective on the validation rows, the median latency of a :data:`SERVING_BATCH`-row batch and
-of one row, and the size of the saved program (raw and zlib-compressed). A variant that cannot
-be exported is measured eagerly and rejected with the reason.
+(the network behind the input transforms) is exported with ``torch.export`` (dynamic batch;
+a torchao-quantised one is also decomposed to core aten ops, so it needs no torchao to load);
+then the objective on the validation rows, the median latency of a :data:`SERVING_BATCH`-row
+batch and of one row (one intra-op thread, variants timed in interleaved rounds), and the size
+of the saved program (raw and zlib-compressed). A variant that cannot be exported is measured
+eagerly and rejected with the reason.
 
 Budget rule (:func:`choose_variant`): a variant is kept when its objective is at most
 ``max_accuracy_drop`` worse than the baseline's and, for int8 and distillation, its latency at
@@ -28,6 +29,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import statistics
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +62,7 @@ class Variant:
     compressed_bytes: int = 0  # the same, zlib level 6 (zeros from pruning compress)
     exportable: bool = True
     program: torch.export.ExportedProgram | None = None
+    runner: Any = None  # what is timed: the exported program's module (or the eager one)
     status: str = "measured"  # baseline | kept | rejected | unsupported
     reason: str = ""
     chosen: bool = False
@@ -183,11 +186,20 @@ def count_parameters(module: nn.Module, *, nonzero: bool = False) -> int:
 # --- measuring ---------------------------------------------------------------------------
 
 
+def has_tensor_subclasses(module: nn.Module) -> bool:
+    """Whether any weight is a tensor subclass (torchao's quantised weights are)."""
+    plain = (torch.Tensor, nn.Parameter)
+    return any(type(t) not in plain for t in (*module.parameters(), *module.buffers()))
+
+
 def export_program(module: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """``module`` exported with a dynamic batch and decomposed to core aten ops (tensor
-    subclasses such as torchao's int8 weights become plain int8 tensors)."""
+    """``module`` exported with a dynamic batch, as ``save_model`` exports it; a module with
+    tensor subclasses (torchao's int8 weights) is then decomposed to core aten ops, so its
+    program holds plain int8 tensors and loads without torchao."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     program = torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
+    if not has_tensor_subclasses(module):
+        return program
     decomposed: torch.export.ExportedProgram = program.run_decompositions()
     return decomposed
 
@@ -220,31 +232,60 @@ def measure(
     task: str,
     classes: Sequence[str],
     metric: str,
-    batch: int = SERVING_BATCH,
+    timed: bool = True,
     repeats: int = 50,
     threads: int | None = 1,
 ) -> Variant:
-    """Export ``serve(variant.module)`` and measure objective, latency and size (in place)."""
+    """Export ``serve(variant.module)``, then measure objective and size and (``timed``) the
+    latency, in place. Compare several variants with :func:`time_variants` instead, which
+    interleaves them so a busy moment of the machine does not favour one."""
     assert variant.module is not None
     served = serve(variant.module).eval()
     data = torch.as_tensor(np.ascontiguousarray(rows), dtype=torch.float32)
     try:
         variant.program = export_program(served, data[:2] if len(data) >= 2 else data.repeat(2, 1))
         blob = program_bytes(variant.program)
-        runner: nn.Module = variant.program.module()
+        variant.runner = variant.program.module()
     except Exception as exc:  # torch.export raises many types for unsupported graphs
         variant.exportable = False
         variant.details["export_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         buffer = io.BytesIO()
         torch.save(served.state_dict(), buffer)
-        blob, runner = buffer.getvalue(), served
+        blob, variant.runner = buffer.getvalue(), served
     variant.size_bytes = len(blob)
     variant.compressed_bytes = len(zlib.compress(blob, 6))
-    variant.score = objective(task, metric, y, _outputs(runner, data, task), classes)
-    serving_batch = data[torch.arange(batch) % len(data)]
-    variant.latency_ms = median_latency_ms(runner, serving_batch, repeats=repeats, threads=threads)
-    variant.latency_ms_b1 = median_latency_ms(runner, data[:1], repeats=repeats, threads=threads)
+    variant.score = objective(task, metric, y, _outputs(variant.runner, data, task), classes)
+    if timed:
+        time_variants([variant], rows, rounds=1, repeats=repeats, threads=threads)
     return variant
+
+
+def time_variants(
+    variants: Sequence[Variant],
+    rows: npt.NDArray[Any],
+    *,
+    batch: int = SERVING_BATCH,
+    rounds: int = 3,
+    repeats: int = 30,
+    threads: int | None = 1,
+) -> None:
+    """Median latency (``batch`` rows and one row) of each measured variant: ``rounds`` rounds
+    that each time every variant in turn; the figure is the median of the round medians."""
+    data = torch.as_tensor(np.ascontiguousarray(rows), dtype=torch.float32)
+    serving_batch = data[torch.arange(batch) % len(data)]
+    timed = [v for v in variants if v.runner is not None]
+    samples: dict[int, list[tuple[float, float]]] = {id(v): [] for v in timed}
+    for _ in range(rounds):
+        for v in timed:
+            samples[id(v)].append(
+                (
+                    median_latency_ms(v.runner, serving_batch, repeats=repeats, threads=threads),
+                    median_latency_ms(v.runner, data[:1], repeats=repeats, threads=threads),
+                )
+            )
+    for v in timed:
+        v.latency_ms = statistics.median(b for b, _ in samples[id(v)])
+        v.latency_ms_b1 = statistics.median(one for _, one in samples[id(v)])
 
 
 # --- the budget rule ---------------------------------------------------------------------

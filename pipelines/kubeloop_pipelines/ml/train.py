@@ -9,6 +9,9 @@ every epoch (progress reports, Optuna's ``trial.report``); an exception it raise
 
 :func:`save_trained` writes the model directory of ``contract.py``; :func:`load_trained`
 rebuilds the eager module from it.
+
+Longer than the house ~400 lines: the loop, its metrics and the directory it writes are read
+together (other steps import ``load_trained``/``serving_module``/``predict`` from here).
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ from kubeloop_pipelines.contract import (
     read_json,
     write_json,
 )
-from kubeloop_pipelines.ml.evaluate import compute_metrics
+from kubeloop_pipelines.ml.evaluate import (
+    CLASSIFICATION_METRICS,
+    REGRESSION_METRICS,
+    compute_metrics,
+)
 from kubeloop_pipelines.ml.imbalance import FocalLoss, class_weights, resample
 from kubeloop_pipelines.ml.models import apply_params, arch_from, build_model
 
@@ -51,10 +58,6 @@ if TYPE_CHECKING:
     from kubeloop_pipelines.ml.preprocess import Prepared
 
 Task = Literal["classification", "regression"]
-CLASSIFICATION_METRICS = (
-    "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "minority_recall",
-)  # fmt: skip
-REGRESSION_METRICS = ("mse", "rmse", "mae", "r2")
 LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae"})
 PREDICT_BATCH = 2048
 
@@ -92,11 +95,6 @@ def score(metric: str, task: str, y_true: npt.ArrayLike, output: npt.ArrayLike) 
     out = np.asarray(output)
     classes = [str(c) for c in range(out.shape[1])] if task == "classification" else []
     return compute_metrics(task, y_true, out, classes=classes).get(metric, math.nan)
-
-
-def better(metric: str, a: float, b: float) -> bool:
-    """Whether value ``a`` of ``metric`` is better than ``b``."""
-    return a < b if metric in LOWER_IS_BETTER else a > b
 
 
 # --- training ----------------------------------------------------------------------------
@@ -540,8 +538,8 @@ def train_prepared(
         arch,
         prepared.x_train,
         prepared.y_train,
-        prepared.x_val,
-        prepared.y_val,
+        prepared.x_validation,
+        prepared.y_validation,
         task=task,
         model=model,
         imbalance=imbalance if task == "classification" else None,
@@ -570,7 +568,7 @@ def _nan_free(rows: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
 
 def serving_module(network: nn.Module, prepared: Prepared) -> nn.Module:
     """What serving runs: the fitted transforms, then the network (raw rows in)."""
-    from kubeloop_pipelines.ml.preprocess import transform_module
+    from kubeloop_pipelines.ml.transforms import transform_module
 
     return nn.Sequential(transform_module(prepared.transform), network).eval()
 

@@ -23,6 +23,13 @@ Search space: ``int`` and ``float`` parameters are sampled between ``min`` and `
 grid of a numeric parameter is ``min, min+step, …, max``; on a log scale ``step`` counts
 decades (min=1e-4, max=1e-2, step=1 → 1e-4, 1e-3, 1e-2). A grid search runs every point, so
 it needs ``maxTrials`` at least the grid size.
+
+The validation of the search space (every error names ``tuning.searchSpace[i].<field>``) makes
+this module longer than the house ~400 lines.
+
+Reproducibility: with ``parallelTrials: 1`` a rerun with the same seed proposes, prunes and
+scores the same trials on the same device. With more, the order in which trials finish (and
+so what the sampler has seen) and the dropout draws (torch's generator is process-wide) vary.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class TrialRecord:
     epochs: int  # epochs reported (how far it trained)
     seconds: float
     error: str = ""
+    last_report: float | None = None  # the last per-epoch value (where a pruned trial stood)
 
 
 @dataclass
@@ -320,6 +328,8 @@ def run_study(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     total = grid_size(tuning) if tuning.algorithm == "grid" else tuning.max_trials
     study = optuna.create_study(
+        # Hyperband assigns trials to brackets by hashing the study name: fixed for reruns.
+        study_name=f"kubeloop-{tuning.algorithm}-{tuning.seed}",
         direction=tuning.objective.direction,
         sampler=_sampler(tuning),
         pruner=_pruner(tuning, max_resource),
@@ -328,6 +338,7 @@ def run_study(
     records: dict[int, TrialRecord] = {}
     errors: dict[int, StepError] = {}
     epochs: dict[int, int] = {}
+    last_reports: dict[int, float] = {}
     started: dict[int, float] = {}
 
     def trial_objective(trial: optuna.Trial) -> float:
@@ -338,6 +349,7 @@ def run_study(
             epochs[trial.number] = epoch
             if not math.isfinite(value):
                 return
+            last_reports[trial.number] = value
             trial.report(value, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} ({value:.4g})")
@@ -363,6 +375,7 @@ def run_study(
                 epochs=epochs.get(frozen.number, 0),
                 seconds=time.perf_counter() - started.get(frozen.number, time.perf_counter()),
                 error=error.message if error else "",
+                last_report=last_reports.get(frozen.number),
             )
             records[frozen.number] = record
             if progress is not None:

@@ -26,7 +26,13 @@ import numpy as np
 
 from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop.serving.artifact import ArtifactError, load_model
-from kubeloop_pipelines.contract import HISTORY_FILE, StepError, StepResult, write_json
+from kubeloop_pipelines.contract import (
+    EVALUATION_FILE,
+    HISTORY_FILE,
+    StepError,
+    StepResult,
+    write_json,
+)
 from kubeloop_pipelines.ml import evaluate as ev
 from kubeloop_pipelines.ml.preprocess import load_prepared
 from kubeloop_pipelines.progress import StepReport, publish
@@ -125,6 +131,9 @@ def run(
     published = {"evaluation_report": REPORT, "metrics": METRICS}
     if run_uri:
         publish(run_uri, REPORT, report_html)
+        # the operator reads the gates from here, whichever executor ran the pipeline
+        publish(run_uri, EVALUATION_FILE, evaluation_path)
+        published["evaluation"] = EVALUATION_FILE
         with tempfile.TemporaryDirectory(prefix="kubeloop-evaluate-") as tmp:
             metrics_file = write_json(Path(tmp) / METRICS, metrics)
             publish(run_uri, METRICS, metrics_file)

@@ -14,7 +14,6 @@ import html
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -22,7 +21,7 @@ from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop_pipelines.contract import StepError, StepResult
 from kubeloop_pipelines.ml import explain as ex
 from kubeloop_pipelines.ml.evaluate import html_page, html_table, png_tag
-from kubeloop_pipelines.ml.preprocess import load_prepared
+from kubeloop_pipelines.ml.preprocess import Prepared, load_prepared
 from kubeloop_pipelines.ml.train import load_trained, serving_module
 from kubeloop_pipelines.progress import StepReport, publish
 
@@ -42,16 +41,10 @@ def _write_report(report_html: Path, title: str, sections: list[tuple[str, str]]
     report_html.write_text(html_page(title, sections))
 
 
-def _vocabulary(prepared: Any) -> list[str]:
-    """The token of each id for text data (ids where the transform keeps no vocabulary)."""
-    transform = getattr(prepared, "transform", {}) or {}
-    vocab = transform.get("vocabulary") if isinstance(transform, dict) else None
-    if isinstance(vocab, dict):  # word -> id
-        words = [""] * (max(vocab.values(), default=-1) + 1)
-        for word, index in vocab.items():
-            words[int(index)] = str(word)
-        return words
-    return [str(w) for w in vocab] if isinstance(vocab, list) else []
+def _vocabulary(prepared: Prepared) -> list[str]:
+    """The word of each token id of a text model (``transform.json``'s ``text.vocab``)."""
+    text = prepared.transform.get("text") or {}
+    return [str(word) for word in text.get("vocab") or []]
 
 
 def run(

@@ -38,7 +38,7 @@ from kubeloop_pipelines.contract import (
 from kubeloop_pipelines.ml import optimize as opt
 from kubeloop_pipelines.ml.evaluate import SERVING_BATCH, html_page, html_table
 from kubeloop_pipelines.ml.models import build_model
-from kubeloop_pipelines.ml.preprocess import load_prepared
+from kubeloop_pipelines.ml.preprocess import Prepared, load_prepared
 from kubeloop_pipelines.ml.train import load_trained, serving_module
 from kubeloop_pipelines.progress import StepReport, publish
 
@@ -64,7 +64,11 @@ def requested(spec: TrainingRunSpec) -> bool:
 
 
 def _build_variants(
-    spec: TrainingRunSpec, net: nn.Module, arch: dict[str, Any], prepared: Any, report: StepReport
+    spec: TrainingRunSpec,
+    net: nn.Module,
+    arch: dict[str, Any],
+    prepared: Prepared,
+    report: StepReport,
 ) -> tuple[list[opt.Variant], dict[str, Any]]:
     """The requested variants (modules, not yet measured) and the student arch if any."""
     o = spec.optimization
@@ -132,7 +136,9 @@ def _write_model_dir(
         (optimized_dir / HISTORY_FILE).unlink(missing_ok=True)  # the teacher's, not the student's
 
 
-def _refresh_prediction_reference(optimized_dir: Path, chosen: opt.Variant, prepared: Any) -> None:
+def _refresh_prediction_reference(
+    optimized_dir: Path, chosen: opt.Variant, prepared: Prepared
+) -> None:
     """The chosen variant's own prediction distribution on the train rows in ``model.json``
     (drift detection compares traffic with it); the feature references stay as they are."""
     assert chosen.program is not None
@@ -209,8 +215,9 @@ def run(
 
     variants, student_arch = _build_variants(spec, net, arch, prepared, report)
     common: dict[str, Any] = {
-        "serve": serve, "rows": prepared.serving_rows("validation"), "y": prepared.y_val,
+        "serve": serve, "rows": prepared.serving_rows("validation"), "y": prepared.y_validation,
         "task": task, "classes": [str(c) for c in prepared.classes], "metric": metric,
+        "timed": False,
     }  # fmt: skip
     report.update(message="measuring the trained model", force=True)
     baseline = opt.measure(opt.Variant("baseline", net), **common)
@@ -218,6 +225,8 @@ def run(
         if variant.status != "unsupported":
             report.update(message=f"measuring the {variant.name} variant", force=True)
             opt.measure(variant, **common)
+    report.update(message="timing the variants at the serving batch size", force=True)
+    opt.time_variants([baseline, *variants], common["rows"])
     o = spec.optimization
     chosen = opt.choose_variant(
         baseline, variants, o.max_accuracy_drop, o.min_speedup, metric=metric

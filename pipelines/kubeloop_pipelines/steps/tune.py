@@ -28,8 +28,8 @@ REPORT = "reports/tuning.html"
 
 
 def plot_history(result: tn.TuneResult) -> bytes:
-    """Objective per trial (completed: dots; pruned: crosses at their last report) and the
-    best value so far."""
+    """Objective per trial (completed: dots; pruned: crosses at their last per-epoch value)
+    and the best value so far."""
     fig, ax = new_figure(7.0, 4.0)
     done = [t for t in result.trials if t.state == "complete" and t.value is not None]
     ax.scatter([t.number for t in done], [t.value for t in done], s=18, label="trial")
@@ -43,10 +43,12 @@ def plot_history(result: tn.TuneResult) -> bytes:
         else:
             best.append(math.nan)
     ax.step([t.number for t in result.trials], best, where="post", color="C1", label="best")
-    pruned = [t.number for t in result.trials if t.state == "pruned"]
-    if pruned and done:
-        floor = min(t.value for t in done if t.value is not None)
-        ax.scatter(pruned, [floor] * len(pruned), marker="x", color="grey", label="pruned")
+    pruned = [t for t in result.trials if t.state == "pruned" and t.last_report is not None]
+    if pruned:
+        ax.scatter(
+            [t.number for t in pruned], [t.last_report for t in pruned], marker="x",
+            color="grey", label="pruned (last report)",
+        )  # fmt: skip
     ax.set(
         xlabel="trial",
         ylabel=f"validation {result.metric}",

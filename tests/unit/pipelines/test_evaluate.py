@@ -3,18 +3,20 @@ histories, registration gates, serving cost of a real artifact, plots and the re
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from kubeloop.api.training_run import Gate
+from kubeloop.api.training_run import Gate, TrainingRunSpec
 from kubeloop.serving.artifact import load_model
 from kubeloop.serving.samples import breast_cancer, train_tabular_model
-from kubeloop_pipelines.contract import StepError
+from kubeloop_pipelines.contract import StepError, StepResult
 from kubeloop_pipelines.ml.evaluate import (
     check_gates,
     compute_metrics,
@@ -28,6 +30,9 @@ from kubeloop_pipelines.ml.evaluate import (
     roc_points,
     serving_cost,
 )
+from kubeloop_pipelines.ml.preprocess import load_prepared
+from kubeloop_pipelines.progress import StepReport
+from kubeloop_pipelines.steps import evaluate as evaluate_step
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -212,3 +217,89 @@ def test_plots_and_report_are_self_contained() -> None:
     assert "roc_auc" in html
     assert "good fit" in html
     assert "http" not in html  # nothing fetched from elsewhere
+
+
+# --- the step, end to end ----------------------------------------------------------------
+
+
+def spec_for(uri: str, target: str, **sections: Any) -> TrainingRunSpec:
+    return TrainingRunSpec.model_validate(
+        {"data": {"uri": uri, "target": target}, "registration": {"modelName": "m"},
+         "model": {"epochs": 8, "hiddenLayers": [32, 16]}, **sections}
+    )  # fmt: skip
+
+
+def trained(tmp: Path, spec: TrainingRunSpec) -> tuple[Path, Path]:
+    """The real ingest → preprocess → train steps: (prepared_dir, model_dir)."""
+    from kubeloop_pipelines.steps import ingest, preprocess, train
+
+    raw, prepared, model = tmp / "raw", tmp / "prepared", tmp / "model"
+    ingest.run(spec, report=StepReport("", "ingest"), run_uri="", dataset_dir=raw)
+    preprocess.run(
+        spec, report=StepReport("", "preprocess"), run_uri="", raw_dir=raw,
+        prepared_dir=prepared, report_html=tmp / "quality.html",
+    )  # fmt: skip
+    train.run(
+        spec, report=StepReport("", "train"), run_uri="", prepared_dir=prepared,
+        params_path=tmp / "no-params.json", model_dir=model, curves_html=tmp / "curves.html",
+    )  # fmt: skip
+    return prepared, model
+
+
+@pytest.fixture(scope="module")
+def cancer_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return trained(tmp_path_factory.mktemp("cancer"), spec_for("builtin://breast-cancer", "label"))
+
+
+def run_evaluate(spec: TrainingRunSpec, dirs: tuple[Path, Path], tmp: Path) -> StepResult:
+    return evaluate_step.run(
+        spec, report=StepReport(f"file://{tmp}/run", "evaluate"), run_uri=f"file://{tmp}/run",
+        prepared_dir=dirs[0], model_dir=dirs[1], evaluation_path=tmp / "evaluation.json",
+        report_html=tmp / "evaluation.html",
+    )  # fmt: skip
+
+
+def test_evaluate_step_scores_the_serving_artifact(
+    cancer_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    gates = [{"metric": "f1", "value": 0.8}, {"metric": "latency_ms", "op": "<", "value": 1000},
+             {"metric": "size_mb", "op": "<", "value": 50}]  # fmt: skip
+    spec = spec_for("builtin://breast-cancer", "label", evaluation={"gates": gates})
+    result = run_evaluate(spec, cancer_model, tmp_path)
+
+    prepared = load_prepared(cancer_model[0])
+    served = load_model(cancer_model[1]).predict(prepared.serving_rows("test"))
+    expected = compute_metrics("classification", prepared.y_test, served, classes=["0", "1"])
+    for name, value in expected.items():
+        assert result.metrics[name] == pytest.approx(value)
+    assert result.metrics["accuracy"] > 0.85
+    assert result.outputs["gates_passed"] is True
+    assert result.outputs["gate_summary"].startswith("f1=")
+    assert result.outputs["gate_summary"].count("✓") == 3
+    assert result.confusion is not None
+    assert sum(map(sum, result.confusion[1])) == len(prepared.y_test)
+    assert result.roc is not None
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["gatesPassed"] is True
+    assert evaluation["verdict"]["verdict"] in ("overfit", "underfit", "good fit")
+    assert evaluation["metrics"]["latency_ms"] > 0
+    run_dir = tmp_path / "run"
+    for name in result.published.values():
+        assert (run_dir / name).is_file(), name
+    assert {"evaluation_report", "metrics", "plot_evaluation_confusion"} <= set(result.published)
+
+
+def test_evaluate_step_fails_gates_and_rejects_a_wrong_metric(
+    cancer_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    impossible = [{"metric": "accuracy", "op": ">", "value": 1.0}]
+    spec = spec_for("builtin://breast-cancer", "label", evaluation={"gates": impossible})
+    result = run_evaluate(spec, cancer_model, tmp_path)
+    assert result.outputs["gates_passed"] is False
+    assert "✗" in result.outputs["gate_summary"]
+    assert json.loads((tmp_path / "evaluation.json").read_text())["gatesPassed"] is False
+    rmse = [{"metric": "rmse", "op": "<", "value": 1}]
+    wrong = spec_for("builtin://breast-cancer", "label", evaluation={"gates": rmse})
+    with pytest.raises(StepError) as caught:
+        run_evaluate(wrong, cancer_model, tmp_path)
+    assert caught.value.field == "evaluation.gates[0].metric"

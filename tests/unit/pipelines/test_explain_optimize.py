@@ -4,8 +4,10 @@ is measured as served, the budget rule keeps and rejects, and distillation shrin
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,9 +15,17 @@ import pytest
 import torch
 from torch import nn
 
+from kubeloop.api.training_run import TrainingRunSpec
+from kubeloop.serving.artifact import load_model
+from kubeloop_pipelines.contract import StepError, StepResult
 from kubeloop_pipelines.ml import explain as ex
 from kubeloop_pipelines.ml import optimize as opt
 from kubeloop_pipelines.ml.models import build_model
+from kubeloop_pipelines.ml.preprocess import load_prepared
+from kubeloop_pipelines.ml.train import load_trained, predict, serving_module
+from kubeloop_pipelines.progress import StepReport
+from kubeloop_pipelines.steps import explain as explain_step
+from kubeloop_pipelines.steps import optimize as optimize_step
 
 FEATURES = ["f0", "f1", "decisive", "f3", "f4"]
 RAW_SCALE = np.array([1.0, 10.0, 100.0, 0.1, 5.0], dtype=np.float32)
@@ -216,3 +226,134 @@ def test_distillation_gives_a_smaller_working_student(toy: dict[str, Any]) -> No
     with torch.no_grad():
         predicted = student(torch.as_tensor(toy["z"][400:])).argmax(dim=1).numpy()
     assert np.mean(predicted == toy["y"][400:]) > 0.9
+
+
+# --- the steps, end to end ---------------------------------------------------------------
+
+
+def spec_for(uri: str, target: str, **sections: Any) -> TrainingRunSpec:
+    return TrainingRunSpec.model_validate(
+        {"data": {"uri": uri, "target": target}, "registration": {"modelName": "m"},
+         "model": {"epochs": 8, "hiddenLayers": [32, 16]}, **sections}
+    )  # fmt: skip
+
+
+def trained(tmp: Path, spec: TrainingRunSpec) -> tuple[Path, Path]:
+    """The real ingest → preprocess → train steps: (prepared_dir, model_dir)."""
+    from kubeloop_pipelines.steps import ingest, preprocess, train
+
+    raw, prepared, model = tmp / "raw", tmp / "prepared", tmp / "model"
+    ingest.run(spec, report=StepReport("", "ingest"), run_uri="", dataset_dir=raw)
+    preprocess.run(
+        spec, report=StepReport("", "preprocess"), run_uri="", raw_dir=raw,
+        prepared_dir=prepared, report_html=tmp / "quality.html",
+    )  # fmt: skip
+    train.run(
+        spec, report=StepReport("", "train"), run_uri="", prepared_dir=prepared,
+        params_path=tmp / "no-params.json", model_dir=model, curves_html=tmp / "curves.html",
+    )  # fmt: skip
+    return prepared, model
+
+
+@pytest.fixture(scope="module")
+def cancer_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return trained(tmp_path_factory.mktemp("cancer"), spec_for("builtin://breast-cancer", "label"))
+
+
+def run_explain(spec: TrainingRunSpec, dirs: tuple[Path, Path], tmp: Path) -> StepResult:
+    return explain_step.run(
+        spec, report=StepReport("", "explain"), run_uri=f"file://{tmp}/run",
+        prepared_dir=dirs[0], model_dir=dirs[1], report_html=tmp / "explanation.html",
+    )  # fmt: skip
+
+
+def run_optimize(spec: TrainingRunSpec, dirs: tuple[Path, Path], tmp: Path) -> StepResult:
+    return optimize_step.run(
+        spec, report=StepReport("", "optimize"), run_uri=f"file://{tmp}/run",
+        prepared_dir=dirs[0], model_dir=dirs[1], optimized_dir=tmp / "optimized",
+        report_html=tmp / "optimization.html",
+    )  # fmt: skip
+
+
+def test_explain_step_publishes_importances(
+    cancer_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    spec = spec_for("builtin://breast-cancer", "label", explanation={"method": "shap",
+                                                                     "samples": 20})  # fmt: skip
+    result = run_explain(spec, cancer_model, tmp_path)
+    assert len(result.metrics) == 5
+    assert all(name.startswith("importance_") for name in result.metrics)
+    features = load_prepared(cancer_model[0]).serving_features
+    assert set(result.outputs["top_features"]) <= set(features)
+    for name in result.published.values():
+        assert (tmp_path / "run" / name).is_file(), name
+    assert "plot_explanation_samples" in result.published
+    assert "data:image/png;base64," in (tmp_path / "explanation.html").read_text()
+
+
+def test_explain_step_none_and_gradcam_without_convolutions(
+    cancer_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    none = spec_for("builtin://breast-cancer", "label", explanation={"method": "none"})
+    result = run_explain(none, cancer_model, tmp_path)
+    assert result.metrics == {}
+    assert "method: none" in (tmp_path / "explanation.html").read_text()
+    gradcam = spec_for("builtin://breast-cancer", "label", explanation={"method": "gradcam"})
+    with pytest.raises(StepError) as caught:
+        run_explain(gradcam, cancer_model, tmp_path)
+    assert caught.value.field == "explanation.method"
+    assert "'mlp'" in caught.value.message
+    assert "permutation" in caught.value.message
+
+
+def test_explain_step_gradcam_on_digits(tmp_path: Path) -> None:
+    spec = spec_for(
+        "builtin://digits", "digit", model={"family": "cnn", "channels": [4, 8], "epochs": 2},
+        explanation={"method": "gradcam", "samples": 8},
+    )  # fmt: skip
+    dirs = trained(tmp_path, spec)
+    result = run_explain(spec, dirs, tmp_path)
+    assert "plot_explanation_heatmaps" in result.published
+    assert all(name.startswith("importance_px_") for name in result.metrics)
+
+
+def test_optimize_step_copies_when_nothing_is_asked(
+    cancer_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = run_optimize(spec_for("builtin://breast-cancer", "label"), cancer_model, tmp_path)
+    assert result.outputs == {"chosen": "baseline", "optimized": False}
+    original = {p.name: p.read_bytes() for p in cancer_model[1].iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "optimized").iterdir()} == original
+
+
+def test_optimize_step_measures_variants_and_writes_the_chosen_one(
+    cancer_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    spec = spec_for(
+        "builtin://breast-cancer", "label",
+        optimization={"pruning": 0.5, "quantizeInt8": True, "distillHiddenLayers": [8],
+                      "maxAccuracyDrop": 0.05, "minSpeedup": 1.0},
+    )  # fmt: skip
+    result = run_optimize(spec, cancer_model, tmp_path)
+    optimized = tmp_path / "optimized"
+    summary = json.loads((optimized / "optimization.json").read_text())
+    assert [v["name"] for v in summary["variants"]] == ["baseline", "pruned", "int8", "distilled"]
+    assert all(v["status"] in ("baseline", "kept", "rejected") for v in summary["variants"])
+    assert summary["variants"][1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert result.metrics["int8_latency_ratio"] > 0
+    assert result.metrics["chosen"] == [v["chosen"] for v in summary["variants"]].index(True)
+    chosen = result.outputs["chosen"]
+    assert chosen == summary["chosen"]
+    # A complete model directory: serving artifact and eager network agree.
+    prepared = load_prepared(cancer_model[0])
+    served = load_model(optimized).predict(prepared.serving_rows("test"))
+    net, arch = load_trained(optimized)
+    eager = predict(serving_module(net, prepared), prepared.serving_rows("test"), "classification")
+    if chosen == "int8":  # the eager network is the fp32 one it was quantised from
+        assert np.mean(served.argmax(1) == eager.argmax(1)) > 0.95
+    else:
+        np.testing.assert_allclose(served, eager, atol=1e-5)
+    if chosen == "distilled":
+        assert arch["hidden_layers"] == [8]
+    assert (tmp_path / "run" / "reports" / "optimization.html").is_file()
+    assert "distilled" in (tmp_path / "optimization.html").read_text()

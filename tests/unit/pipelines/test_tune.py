@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kubeloop.api.training_run import Imbalance, ModelSpec, TrainingRunSpec, Tuning
-from kubeloop_pipelines.contract import StepError
+from kubeloop_pipelines.contract import StepError, read_json
 from kubeloop_pipelines.ml.models import apply_params, arch_from
 from kubeloop_pipelines.ml.train import fit
 from kubeloop_pipelines.ml.tune import (
@@ -25,6 +25,9 @@ from kubeloop_pipelines.ml.tune import (
     run_study,
     validate,
 )
+from kubeloop_pipelines.progress import StepReport
+from kubeloop_pipelines.steps import ingest, preprocess
+from kubeloop_pipelines.steps import tune as tune_step
 
 Arrays = tuple[np.ndarray[Any, Any], ...]
 
@@ -169,6 +172,24 @@ def test_pruners_stop_weak_trials(algorithm: str, cancer: Arrays) -> None:
     assert seen[-1].trials_status()["pruned"] == len(pruned)
 
 
+def test_a_rerun_with_the_same_seed_repeats_the_study(cancer: Arrays) -> None:
+    space: list[dict[str, Any]] = [
+        {"name": "learningRate", "type": "float", "min": 1e-6, "max": 1e-1, "log": True}
+    ]
+    base = ModelSpec(epochs=9, early_stopping=None, lr_schedule="none", batch_size=128)
+
+    def once() -> list[tuple[str, float | None, int]]:
+        result = run_study(
+            tuning("hyperband", space, maxTrials=8, seed=5),
+            objective_for(cancer, base),
+            task="classification",
+            max_resource=base.epochs,
+        )
+        return [(t.state, t.value, t.epochs) for t in result.trials]
+
+    assert once() == once()
+
+
 def test_resolved_params_apply_tuned_values() -> None:
     params = resolved_params(
         ModelSpec(), Imbalance(), {"hiddenLayers": "128,64", "imbalance.focalGamma": 1.5}
@@ -270,9 +291,6 @@ def spec_json(tuning_doc: dict[str, Any] | None, **model: Any) -> TrainingRunSpe
 
 
 def test_tune_step_without_tuning_writes_the_spec_params(tmp_path: Path) -> None:
-    from kubeloop_pipelines.progress import StepReport
-    from kubeloop_pipelines.steps import tune as tune_step
-
     spec = spec_json(None, learningRate=0.01)
     result = tune_step.run(
         spec,
@@ -286,3 +304,79 @@ def test_tune_step_without_tuning_writes_the_spec_params(tmp_path: Path) -> None
     assert params["learningRate"] == 0.01
     assert params["epochs"] == 3
     assert result.outputs == {"tuned": False}
+
+
+class RecordingReport(StepReport):
+    """The step record as the operator sees it, plus every trials update (writes throttle)."""
+
+    def __init__(self, run_uri: str, step: str) -> None:
+        super().__init__(run_uri, step)
+        self.updates: list[dict[str, Any]] = []
+
+    def update(self, *, force: bool = False, **fields: Any) -> None:
+        self.updates.append(fields)
+        super().update(force=force, **fields)
+
+
+def test_tune_step_reports_every_trial_and_writes_the_best_params(tmp_path: Path) -> None:
+    space = [
+        {"name": "learningRate", "type": "float", "min": 1e-4, "max": 1e-1, "log": True},
+        {"name": "hiddenLayers", "type": "categorical", "values": ["16", "64,32"]},
+    ]
+    spec = spec_json(
+        {"algorithm": "bayesian", "maxTrials": 4, "seed": 3, "searchSpace": space,
+         "objective": {"metric": "roc_auc"}},
+    )  # fmt: skip
+    ingest.run(spec, report=StepReport("", "ingest"), run_uri="", dataset_dir=tmp_path / "raw")
+    preprocess.run(
+        spec, report=StepReport("", "preprocess"), run_uri="", raw_dir=tmp_path / "raw",
+        prepared_dir=tmp_path / "prepared", report_html=tmp_path / "quality.html",
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    report = RecordingReport(f"file://{run_dir}", "tune")
+    result = tune_step.run(
+        spec, report=report, run_uri=f"file://{run_dir}", prepared_dir=tmp_path / "prepared",
+        params_path=tmp_path / "params.json", report_html=tmp_path / "tuning.html",
+    )  # fmt: skip
+
+    trials = [u["trials"] for u in report.updates if "trials" in u]
+    assert [t["completed"] for t in trials] == [0, 1, 2, 3, 4]
+    assert all(t["total"] == 4 for t in trials)
+    assert report.updates[-1]["message"].startswith("trial 4/4")
+    final = read_json(run_dir / "steps" / "tune.json")["trials"]
+    assert final["progress"] == "4/4"
+    assert final["bestValue"] == pytest.approx(result.metrics["best_value"])
+    assert set(final["bestParams"]) == {"learningRate", "hiddenLayers"}
+    assert result.metrics["trials_completed"] == 4
+    assert result.metrics["trials_pruned"] == 0
+    assert result.metrics["best_value"] > 0.95
+
+    params = json.loads((tmp_path / "params.json").read_text())
+    best = result.outputs["best_params"]
+    assert params["learningRate"] == pytest.approx(float(best["learningRate"]), rel=1e-3)
+    assert params["hiddenLayers"] == [int(w) for w in best["hiddenLayers"].split(",")]
+    assert params["epochs"] == 3  # untuned values come from the spec
+    page = (run_dir / "reports" / "tuning.html").read_text()
+    assert "data:image/png;base64" in page
+    assert page.count("<tr>") == 1 + 4  # header + one row a trial
+    assert result.published == {"tuning_report": "reports/tuning.html"}
+
+
+def test_tune_step_rejects_a_regression_objective_on_classes(tmp_path: Path) -> None:
+    spec = spec_json(
+        {"searchSpace": [{"name": "dropout", "type": "float", "min": 0.0, "max": 0.5}],
+         "objective": {"metric": "rmse", "direction": "minimize"}},
+    )  # fmt: skip
+    ingest.run(spec, report=StepReport("", "ingest"), run_uri="", dataset_dir=tmp_path / "raw")
+    preprocess.run(
+        spec, report=StepReport("", "preprocess"), run_uri="", raw_dir=tmp_path / "raw",
+        prepared_dir=tmp_path / "prepared", report_html=tmp_path / "quality.html",
+    )  # fmt: skip
+    with pytest.raises(StepError) as caught:
+        tune_step.run(
+            spec, report=StepReport("", "tune"), run_uri="", prepared_dir=tmp_path / "prepared",
+            params_path=tmp_path / "params.json", report_html=tmp_path / "tuning.html",
+        )  # fmt: skip
+    assert caught.value.field == "tuning.objective.metric"
+    assert "'rmse'" in caught.value.message
+    assert "f1" in caught.value.message
