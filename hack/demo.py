@@ -188,7 +188,7 @@ def start_operator(
 
 
 def training_story(cluster: cluster_mod.Cluster) -> None:
-    say("kubectl apply -f examples/02-train-tabular/  (fraud MLP: SMOTE, TPE tuning, gates)")
+    say("kubectl apply -f examples/02-train-tabular/  (fraud MLP: focal loss, TPE tuning, gates)")
     started = time.monotonic()
     show(cluster, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "02-train-tabular"))
     last, deadline = "", started + 600

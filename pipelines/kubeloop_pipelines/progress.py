@@ -22,7 +22,7 @@ STEPS_DIR = "steps"
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def local_path(run_uri: str) -> Path | None:

@@ -233,3 +233,13 @@ def test_an_attempt_past_its_timeout_is_stopped_and_failed() -> None:
     state, reason, message = ready(decision.status)
     assert (state, reason) == ("False", reasons.TIMED_OUT)
     assert "spec.timeout=1h" in message
+
+
+def test_steps_started_in_the_same_instant_show_the_later_pipeline_step() -> None:
+    same = "2026-11-26T11:00:00Z"
+    steps = {
+        "ingest": {"step": "ingest", "state": "Succeeded", "startedAt": same},
+        "preprocess": {"step": "preprocess", "state": "Succeeded", "startedAt": same},
+    }
+    decision = plan_training(spec(), running(), obs(run=RunView("Running"), steps=steps))
+    assert decision.status.current_step == "preprocess"

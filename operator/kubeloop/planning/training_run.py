@@ -21,6 +21,7 @@ from croniter import croniter
 from kubeloop import reasons
 from kubeloop.api.training_run import Attempt, TrainingRunSpec, TrainingRunStatus, Trials
 from kubeloop.planning.conditions import rfc3339, set_condition
+from kubeloop_pipelines.contract import STEPS
 
 RunState = Literal["Pending", "Running", "Succeeded", "Failed", "Unknown"]
 ACTIVE = ("Pending", "Queued", "Compiling", "Running")
@@ -188,11 +189,17 @@ def _gpu_check(
     return "ok", ""
 
 
+def _step_order(record: dict[str, Any]) -> tuple[str, int]:
+    """Later start first; steps started in the same instant by their place in the pipeline."""
+    step = str(record.get("step", ""))
+    return str(record.get("startedAt", "")), STEPS.index(step) if step in STEPS else -1
+
+
 def _progress(status: TrainingRunStatus, steps: dict[str, dict[str, Any]]) -> str:
     """Current step, trials and a message from the steps' progress records."""
     running = [r for r in steps.values() if r.get("state") == "Running"]
     done = [r for r in steps.values() if r.get("state") == "Succeeded"]
-    current = max(running or done, key=lambda r: str(r.get("startedAt", "")), default=None)
+    current = max(running or done, key=_step_order, default=None)
     message = ""
     if current is not None:
         status.current_step = str(current.get("step", ""))
@@ -402,6 +409,7 @@ def _plan_succeeded(
             reason=reasons.GATES_FAILED,
             message=summary,
         )
+        status.current_step = "evaluate"
         decision.events += _fail(
             status, obs, reasons.GATES_FAILED, f"not registered: gates failed: {summary}"
         )
