@@ -106,6 +106,10 @@ bench: venv system-deps cluster-build ## benchmarks (bench/); each ends with a R
 	@$(PY) bench/reconcile_throughput.py --repeats 3
 	@$(PY) bench/canary_timing.py --repeats 3
 	@$(PY) bench/serving_overhead.py
+	@$(PY) bench/compile_time.py
+	@$(PY) bench/train_throughput.py
+	@$(PY) bench/tune_efficiency.py
+	@$(PY) bench/optimize_int8.py
 
 .PHONY: clean
 clean: ## remove local build state (keeps the caches)
