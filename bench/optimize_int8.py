@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "pipelines"))
 sys.path.insert(0, str(ROOT / "operator"))
 from kubeloop.api.training_run import ModelSpec  # noqa: E402
-from kubeloop.serving.samples import breast_cancer  # noqa: E402
+from kubeloop.serving.samples import Standardise, breast_cancer  # noqa: E402
 from kubeloop_pipelines.ml import optimize as opt  # noqa: E402
 from kubeloop_pipelines.ml.evaluate import SERVING_BATCH  # noqa: E402
 from kubeloop_pipelines.ml.train import fit  # noqa: E402
@@ -41,18 +41,6 @@ RESULTS = ROOT / "bench" / "results"
 MAX_DROP = 0.005
 MIN_SPEEDUP = 1.5
 MODELS = {"breast_cancer_mlp": [64, 32], "wide_mlp": [1024, 1024, 1024]}
-
-
-class Standardise(nn.Module):
-    """The fitted scaling in front of the network, as in a served artifact."""
-
-    def __init__(self, mean: np.ndarray[Any, Any], scale: np.ndarray[Any, Any]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.get_buffer("mean")) / self.get_buffer("scale")
 
 
 def data() -> dict[str, Any]:

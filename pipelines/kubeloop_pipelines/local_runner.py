@@ -45,6 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kubeloop_pipelines.progress import read_json_object, read_steps
+
 PIPELINE_FILE = "pipeline.yaml"
 ARGUMENTS_FILE = "arguments.json"
 PID_FILE = "pid"
@@ -95,20 +97,10 @@ def write_result_once(state_dir: Path, result: dict[str, Any]) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def step_records(run_uri: str) -> dict[str, dict[str, Any]]:
     """The progress records of a file:// run directory (none for object stores)."""
     if not run_uri.startswith("file://"):
         return {}
-    from kubeloop_pipelines.progress import read_steps
-
     return read_steps(Path(run_uri.removeprefix("file://")))
 
 
@@ -146,7 +138,7 @@ class Run:
         self.state_dir = state_dir
         self.timeout = timeout
         self.started_at = now()
-        self.arguments: dict[str, Any] = read_json(state_dir / ARGUMENTS_FILE) or {}
+        self.arguments: dict[str, Any] = read_json_object(state_dir / ARGUMENTS_FILE) or {}
         self.run_uri = str(self.arguments.get("run_uri", ""))
         self.done = threading.Event()
 

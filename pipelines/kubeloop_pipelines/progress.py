@@ -116,14 +116,20 @@ class StepReport:
         self._write()
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def read_steps(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Every step record of a file:// run directory, by step name (unreadable ones skipped)."""
     records: dict[str, dict[str, Any]] = {}
     for path in sorted((run_dir / STEPS_DIR).glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict):
+        record = read_json_object(path)
+        if record is not None:
             records[path.stem] = record
     return records

@@ -10,7 +10,7 @@ import pytest
 from kubeloop import reasons
 from kubeloop.api.training_run import TrainingRunSpec, TrainingRunStatus
 from kubeloop.planning.conditions import find
-from kubeloop.planning.training_run import Observed, RunView, plan_training
+from kubeloop.planning.training_run import Observed, RunView, plan_training, spec_problem
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 
@@ -243,3 +243,18 @@ def test_steps_started_in_the_same_instant_show_the_later_pipeline_step() -> Non
     }
     decision = plan_training(spec(), running(), obs(run=RunView("Running"), steps=steps))
     assert decision.status.current_step == "preprocess"
+
+
+def test_a_gate_or_objective_the_task_cannot_produce_is_named_before_running() -> None:
+    regression = {"uri": "builtin://diabetes", "target": "progression", "task": "regression"}
+    assert "spec.evaluation.gates[0].metric='f1'" in spec_problem(spec(data=regression))
+    tuned = spec(
+        data=regression,
+        evaluation={"gates": [{"metric": "r2", "value": 0.3}]},
+        tuning={
+            "objective": {"metric": "roc_auc"},
+            "searchSpace": [{"name": "dropout", "type": "float", "min": 0.0, "max": 0.5}],
+        },
+    )
+    assert "spec.tuning.objective.metric='roc_auc'" in spec_problem(tuned)
+    assert spec_problem(spec()) == ""

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeloop.backends.executor import ExecutorError, RunObservation, RunState, Submission
+from kubeloop_pipelines.progress import read_json_object, read_steps
 
 RUNNER_MODULE = "kubeloop_pipelines.local_runner"
 RUN_FILE = "run.json"
@@ -45,14 +46,6 @@ EXEC_WAIT_S = 5.0
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -173,7 +166,7 @@ class LocalExecutor:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ExecutorError(f"cannot create {folder}: {exc}", temporary=True) from exc
-        known = _read_json(folder / RUN_FILE)
+        known = read_json_object(folder / RUN_FILE)
         if known is not None and known.get("specHash") != sub.spec_hash:
             self._set_aside(folder, known, sub)
             known = None
@@ -271,10 +264,10 @@ class LocalExecutor:
 
     def _observe(self, namespace: str, name: str, attempt: int, run_id: str) -> RunObservation:
         folder = self.run_dir(namespace, name, attempt)
-        known = _read_json(folder / RUN_FILE)
+        known = read_json_object(folder / RUN_FILE)
         if known is None or (run_id and known.get("runId") != run_id):
             return RunObservation("Unknown", run_id, f"no local run {run_id} in {folder}")
-        result = _read_json(folder / RESULT_FILE)
+        result = read_json_object(folder / RESULT_FILE)
         if result is not None:
             return self._ended(run_id, result)
         pid = self._live_pid(folder)
@@ -283,13 +276,13 @@ class LocalExecutor:
             started = float(known.get("startedAt") or time.time())
             if timeout > 0 and time.time() - started > timeout:
                 self._stop(folder, pid, f"timed out after {timeout:g}s")
-                return self._ended(run_id, _read_json(folder / RESULT_FILE) or {})
+                return self._ended(run_id, read_json_object(folder / RESULT_FILE) or {})
             return RunObservation("Running", run_id)
         # No runner: it may have written its result just now; else it died without one.
-        result = _read_json(folder / RESULT_FILE)
+        result = read_json_object(folder / RESULT_FILE)
         if result is None:
             self._record(folder, "runner exited without a result")
-            result = _read_json(folder / RESULT_FILE) or {}
+            result = read_json_object(folder / RESULT_FILE) or {}
             # The task it was running may live on, orphaned, in the runner's process group.
             pgid = _read_pid(folder)
             if pgid and _group_members(pgid, folder):
@@ -330,7 +323,7 @@ class LocalExecutor:
 
     def _cancel(self, namespace: str, name: str, attempt: int, run_id: str) -> None:
         folder = self.run_dir(namespace, name, attempt)
-        known = _read_json(folder / RUN_FILE)
+        known = read_json_object(folder / RUN_FILE)
         if known is None or (run_id and known.get("runId") != run_id):
             return
         pid = self._live_pid(folder)
@@ -347,12 +340,10 @@ class LocalExecutor:
 
 def _running_step(folder: Path) -> str:
     """The step that was running when the run was stopped, from its progress records."""
-    known = _read_json(folder / RUN_FILE) or {}
+    known = read_json_object(folder / RUN_FILE) or {}
     uri = str(known.get("runUri", ""))
     if not uri.startswith("file://"):
         return ""
-    from kubeloop_pipelines.progress import read_steps
-
     records = read_steps(Path(uri.removeprefix("file://")))
     running = [
         (str(r.get("startedAt", "")), s)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from kubeloop.handlers.runtime import RECONCILE_SECONDS, RECONCILES, Runtime, ru
 from kubeloop.planning import training_run as plan
 from kubeloop.planning.naming import child_name
 from kubeloop.settings import Settings
+from kubeloop_pipelines.progress import read_json_object, read_steps
 
 log = logging.getLogger("kubeloop.training")
 
@@ -93,6 +93,9 @@ async def compile_run(rt: Runtime, tr: TrainingRun) -> Compiled:
     from kubeloop_pipelines.compiler import compile_spec
 
     generation = tr.metadata.generation
+    problem = plan.spec_problem(tr.spec)
+    if problem:
+        return Compiled(generation, error=problem)
     try:
         compiled = await asyncio.to_thread(
             compile_spec,
@@ -135,14 +138,6 @@ async def gpu_budget(rt: Runtime, tr: TrainingRun) -> tuple[int | None, str, int
     return limit, source, in_use
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def collect_artifacts(uri: str) -> dict[str, str]:
     """URIs a person opens: the model, metrics, the reports and plots."""
     root = local_dir(uri)
@@ -174,7 +169,7 @@ async def register(rt: Runtime, tr: TrainingRun, uri: str, run_id: str) -> str:
     if existing:
         return existing
     root = local_dir(uri)
-    manifest = _read_json(root / MANIFEST_FILE) if root else None
+    manifest = read_json_object(root / MANIFEST_FILE) if root else None
     if manifest is None:
         raise ExecutorError(f"{uri}/{MANIFEST_FILE} is missing or unreadable", temporary=False)
     model = tr.spec.registration.model_name
@@ -239,12 +234,10 @@ async def observe(rt: Runtime, tr: TrainingRun, state: RunState) -> tuple[plan.O
         fields["run"] = plan.RunView(seen.state, seen.message, seen.failed_step, seen.log_tail)
         root = local_dir(uri)
         if root is not None:
-            from kubeloop_pipelines.progress import read_steps
-
             fields["steps"] = await asyncio.to_thread(read_steps, root)
             fields["artifacts"] = await asyncio.to_thread(collect_artifacts, uri)
             if seen.state in ("Succeeded", "Failed"):
-                fields["evaluation"] = _read_json(root / EVALUATION_FILE)
+                fields["evaluation"] = read_json_object(root / EVALUATION_FILE)
                 fields["manifest"] = (root / MANIFEST_FILE).is_file()
         fields["registered"] = await find_registered(rt.kube, tr, status.attempt)
     return plan.Observed(**fields), executor

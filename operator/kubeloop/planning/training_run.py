@@ -72,6 +72,34 @@ class Decision:
     requeue_after: float = POLL_RUNNING_S
 
 
+METRICS_BY_TASK = {
+    "classification": (
+        "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "minority_recall",
+        "latency_ms", "size_mb",
+    ),
+    "regression": ("mse", "rmse", "mae", "r2", "latency_ms", "size_mb"),
+}  # fmt: skip
+
+
+def spec_problem(spec: TrainingRunSpec) -> str:
+    """What makes the spec impossible to run, found before any pipeline starts ('' if none):
+    a gate or a tuning objective on a metric the task does not produce."""
+    task = spec.data.task
+    produced = METRICS_BY_TASK[task]
+    for i, gate in enumerate(spec.evaluation.gates):
+        if gate.metric not in produced:
+            return (
+                f"spec.evaluation.gates[{i}].metric={gate.metric!r} is not produced for a {task} "
+                f"task; expected one of {', '.join(produced)}"
+            )
+    if spec.tuning is not None and spec.tuning.objective.metric not in produced:
+        return (
+            f"spec.tuning.objective.metric={spec.tuning.objective.metric!r} is not produced for "
+            f"a {task} task; expected one of {', '.join(produced)}"
+        )
+    return ""
+
+
 def needs_new_attempt(spec: TrainingRunSpec, status: TrainingRunStatus, obs: Observed) -> str:
     """Why a new attempt starts now ('' if none): first run, a spec change, or the schedule."""
     if status.attempt == 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +40,19 @@ def mlp(n_in: int, n_out: int, hidden: int = 32) -> torch.nn.Module:
         torch.nn.ReLU(),
         torch.nn.Linear(hidden, n_out),
     )
+
+
+class Standardise(torch.nn.Module):
+    """The fitted standard scaling in front of a network (raw rows in), as a served artifact
+    applies it."""
+
+    def __init__(self, mean: np.ndarray[Any, Any], scale: np.ndarray[Any, Any]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.get_buffer("mean")) / self.get_buffer("scale")
 
 
 def train_tabular_model(directory: str | Path, *, seed: int = 0, epochs: int = 20) -> Path:

@@ -4,19 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from kubeloop.api.training_run import DataSource, Split
+from kubeloop.api.training_run import Split
 from kubeloop_pipelines.contract import SPLITS, StepError
 from kubeloop_pipelines.ml import builtin_datasets, datasets
-
-
-def source(**fields: Any) -> DataSource:
-    return DataSource.model_validate({"uri": "file:///data/table.csv", "target": "y"} | fields)
+from tests.unit.pipelines.conftest import data_source
 
 
 @pytest.mark.parametrize(
@@ -142,7 +138,7 @@ def test_missing_target_lists_the_columns() -> None:
     frame = pd.DataFrame({"a": [1, 2], "b": [3, 4]})
 
     with pytest.raises(StepError) as caught:
-        datasets.select_columns(frame, source(target="label"))
+        datasets.select_columns(frame, data_source(target="label"))
 
     assert caught.value.field == "data.target"
     assert "'label'" in caught.value.message
@@ -153,7 +149,7 @@ def test_unknown_feature_is_named() -> None:
     frame = pd.DataFrame({"a": [1, 2], "b": [3, 4], "y": [0, 1]})
 
     with pytest.raises(StepError) as caught:
-        datasets.select_columns(frame, source(features=["a", "colour"]))
+        datasets.select_columns(frame, data_source(features=["a", "colour"]))
 
     assert caught.value.field == "data.features"
     assert "colour" in caught.value.message
@@ -163,8 +159,8 @@ def test_unknown_feature_is_named() -> None:
 def test_select_columns_keeps_the_requested_order_and_the_target_last() -> None:
     frame = pd.DataFrame({"a": [1], "b": [2], "y": [0], "c": [3]})
 
-    assert list(datasets.select_columns(frame, source()).columns) == ["a", "b", "c", "y"]
-    assert list(datasets.select_columns(frame, source(features=["c", "a"])).columns) == [
+    assert list(datasets.select_columns(frame, data_source()).columns) == ["a", "b", "c", "y"]
+    assert list(datasets.select_columns(frame, data_source(features=["c", "a"])).columns) == [
         "c",
         "a",
         "y",
@@ -175,7 +171,7 @@ def test_regression_needs_a_numeric_target() -> None:
     frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "y": ["low", "high", "low"]})
 
     with pytest.raises(StepError) as caught:
-        datasets.infer_schema(frame, source(task="regression"))
+        datasets.infer_schema(frame, data_source(task="regression"))
 
     assert caught.value.field == "data.task"
     assert "classification" in caught.value.message
@@ -185,7 +181,7 @@ def test_classification_needs_two_classes() -> None:
     frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "y": ["yes", "yes", "yes"]})
 
     with pytest.raises(StepError) as caught:
-        datasets.infer_schema(frame, source())
+        datasets.infer_schema(frame, data_source())
 
     assert caught.value.field == "data.target"
     assert "at least 2" in caught.value.message
@@ -201,7 +197,7 @@ def test_infer_schema_kinds_modality_and_classes() -> None:
         }
     )
 
-    schema = datasets.infer_schema(frame, source())
+    schema = datasets.infer_schema(frame, data_source())
 
     assert [(f.name, f.kind) for f in schema.features] == [
         ("amount", "numeric"),
@@ -215,21 +211,21 @@ def test_infer_schema_kinds_modality_and_classes() -> None:
 
 def test_text_and_image_modalities_are_recognised() -> None:
     reviews = builtin_datasets.load_builtin("reviews")
-    text = datasets.infer_schema(reviews, source(uri="builtin://reviews", target="sentiment"))
+    text = datasets.infer_schema(reviews, data_source(uri="builtin://reviews", target="sentiment"))
     assert text.modality == "text"
     assert [(f.name, f.kind) for f in text.features] == [("text", "text")]
 
     digits = builtin_datasets.load_builtin("digits")
-    image = datasets.infer_schema(digits, source(uri="builtin://digits", target="digit"))
+    image = datasets.infer_schema(digits, data_source(uri="builtin://digits", target="digit"))
     assert image.modality == "image"
     assert image.image_shape == [1, 8, 8]
     assert image.classes == [str(d) for d in range(10)]
 
     pixels = pd.DataFrame(np.zeros((3, 12)), columns=[f"p{i}" for i in range(12)])
     pixels["y"] = [0, 1, 0]
-    assert datasets.infer_schema(pixels, source(format="images")).image_shape == [3, 2, 2]
+    assert datasets.infer_schema(pixels, data_source(format="images")).image_shape == [3, 2, 2]
     with pytest.raises(StepError) as caught:
-        datasets.infer_schema(pixels.drop(columns="p0"), source(format="images"))
+        datasets.infer_schema(pixels.drop(columns="p0"), data_source(format="images"))
     assert caught.value.field == "data.features"
 
 

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from kubeloop.api.training_run import Gate, TrainingRunSpec
 from kubeloop.serving.artifact import load_model
@@ -33,16 +30,7 @@ from kubeloop_pipelines.ml.evaluate import (
 from kubeloop_pipelines.ml.preprocess import load_prepared
 from kubeloop_pipelines.progress import StepReport
 from kubeloop_pipelines.steps import evaluate as evaluate_step
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small models on a shared 2-core machine: one intra-op thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from tests.unit.pipelines.conftest import spec_for
 
 # --- metrics -----------------------------------------------------------------------------
 
@@ -220,35 +208,6 @@ def test_plots_and_report_are_self_contained() -> None:
 
 
 # --- the step, end to end ----------------------------------------------------------------
-
-
-def spec_for(uri: str, target: str, **sections: Any) -> TrainingRunSpec:
-    return TrainingRunSpec.model_validate(
-        {"data": {"uri": uri, "target": target}, "registration": {"modelName": "m"},
-         "model": {"epochs": 8, "hiddenLayers": [32, 16]}, **sections}
-    )  # fmt: skip
-
-
-def trained(tmp: Path, spec: TrainingRunSpec) -> tuple[Path, Path]:
-    """The real ingest → preprocess → train steps: (prepared_dir, model_dir)."""
-    from kubeloop_pipelines.steps import ingest, preprocess, train
-
-    raw, prepared, model = tmp / "raw", tmp / "prepared", tmp / "model"
-    ingest.run(spec, report=StepReport("", "ingest"), run_uri="", dataset_dir=raw)
-    preprocess.run(
-        spec, report=StepReport("", "preprocess"), run_uri="", raw_dir=raw,
-        prepared_dir=prepared, report_html=tmp / "quality.html",
-    )  # fmt: skip
-    train.run(
-        spec, report=StepReport("", "train"), run_uri="", prepared_dir=prepared,
-        params_path=tmp / "no-params.json", model_dir=model, curves_html=tmp / "curves.html",
-    )  # fmt: skip
-    return prepared, model
-
-
-@pytest.fixture(scope="module")
-def cancer_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return trained(tmp_path_factory.mktemp("cancer"), spec_for("builtin://breast-cancer", "label"))
 
 
 def run_evaluate(spec: TrainingRunSpec, dirs: tuple[Path, Path], tmp: Path) -> StepResult:

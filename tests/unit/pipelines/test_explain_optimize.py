@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop.serving.artifact import load_model
+from kubeloop.serving.samples import Standardise
 from kubeloop_pipelines.contract import StepError, StepResult
 from kubeloop_pipelines.ml import explain as ex
 from kubeloop_pipelines.ml import optimize as opt
@@ -26,23 +26,12 @@ from kubeloop_pipelines.ml.train import load_trained, predict, serving_module
 from kubeloop_pipelines.progress import StepReport
 from kubeloop_pipelines.steps import explain as explain_step
 from kubeloop_pipelines.steps import optimize as optimize_step
+from tests.unit.pipelines.conftest import spec_for, trained
 
 FEATURES = ["f0", "f1", "decisive", "f3", "f4"]
 RAW_SCALE = np.array([1.0, 10.0, 100.0, 0.1, 5.0], dtype=np.float32)
 RAW_SHIFT = np.array([0.0, 50.0, -20.0, 3.0, 1.0], dtype=np.float32)
 CLASSES = ["neg", "pos"]
-
-
-class Standardise(nn.Module):
-    """The fitted transform in front of the network (raw serving rows in)."""
-
-    def __init__(self, mean: np.ndarray[Any, Any], scale: np.ndarray[Any, Any]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.get_buffer("mean")) / self.get_buffer("scale")
 
 
 def _train(net: nn.Module, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], steps: int) -> None:
@@ -75,15 +64,6 @@ def toy() -> dict[str, Any]:
 
 def _serving(toy: dict[str, Any]) -> nn.Module:
     return nn.Sequential(toy["transform"], toy["net"]).eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small models on a shared 2-core machine: one intra-op thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- explanations ------------------------------------------------------------------------
@@ -229,35 +209,6 @@ def test_distillation_gives_a_smaller_working_student(toy: dict[str, Any]) -> No
 
 
 # --- the steps, end to end ---------------------------------------------------------------
-
-
-def spec_for(uri: str, target: str, **sections: Any) -> TrainingRunSpec:
-    return TrainingRunSpec.model_validate(
-        {"data": {"uri": uri, "target": target}, "registration": {"modelName": "m"},
-         "model": {"epochs": 8, "hiddenLayers": [32, 16]}, **sections}
-    )  # fmt: skip
-
-
-def trained(tmp: Path, spec: TrainingRunSpec) -> tuple[Path, Path]:
-    """The real ingest → preprocess → train steps: (prepared_dir, model_dir)."""
-    from kubeloop_pipelines.steps import ingest, preprocess, train
-
-    raw, prepared, model = tmp / "raw", tmp / "prepared", tmp / "model"
-    ingest.run(spec, report=StepReport("", "ingest"), run_uri="", dataset_dir=raw)
-    preprocess.run(
-        spec, report=StepReport("", "preprocess"), run_uri="", raw_dir=raw,
-        prepared_dir=prepared, report_html=tmp / "quality.html",
-    )  # fmt: skip
-    train.run(
-        spec, report=StepReport("", "train"), run_uri="", prepared_dir=prepared,
-        params_path=tmp / "no-params.json", model_dir=model, curves_html=tmp / "curves.html",
-    )  # fmt: skip
-    return prepared, model
-
-
-@pytest.fixture(scope="module")
-def cancer_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return trained(tmp_path_factory.mktemp("cancer"), spec_for("builtin://breast-cancer", "label"))
 
 
 def run_explain(spec: TrainingRunSpec, dirs: tuple[Path, Path], tmp: Path) -> StepResult:

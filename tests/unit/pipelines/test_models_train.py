@@ -36,20 +36,9 @@ from kubeloop_pipelines.ml.train import (
     train_prepared,
 )
 from kubeloop_pipelines.progress import StepReport
-from kubeloop_pipelines.steps import ingest, preprocess
 from kubeloop_pipelines.steps import train as train_step
 from kubeloop_pipelines.steps.train import CURVES
-
-Arrays = tuple[np.ndarray[Any, Any], ...]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    # Tiny networks: one intra-op thread is fastest, and on a busy 2-core box much faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.unit.pipelines.conftest import Arrays, RecordingReport, ingest_and_preprocess
 
 
 def toy_data(family: str, task: str = "classification", n: int = 96) -> dict[str, Any]:
@@ -248,22 +237,6 @@ def test_focal_loss() -> None:
 # --- the training loop ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cancer() -> Arrays:
-    from sklearn.datasets import load_breast_cancer
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_breast_cancer(return_X_y=True)
-    xtr, xva, ytr, yva = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    mean, std = xtr.mean(axis=0), xtr.std(axis=0)
-    return (
-        ((xtr - mean) / std).astype(np.float32),
-        ytr.astype(np.int64),
-        ((xva - mean) / std).astype(np.float32),
-        yva.astype(np.int64),
-    )
-
-
 def cancer_fit(data: Arrays, model: ModelSpec, **kwargs: Any) -> Any:
     arch = arch_from(model, {}, input_shape=(30,), n_outputs=2)
     return fit(arch, *data, task="classification", model=model, **kwargs)
@@ -399,25 +372,8 @@ def test_trains_on_the_gpu_with_bf16_autocast(mixed_precision: bool, cancer: Arr
 def prepare(root: Path, doc: dict[str, Any]) -> tuple[TrainingRunSpec, Prepared]:
     """Run the real ingest and preprocess steps for ``doc`` (a TrainingRun spec)."""
     spec = TrainingRunSpec.model_validate({"registration": {"modelName": "test"}, **doc})
-    ingest.run(spec, report=StepReport("", "ingest"), run_uri="", dataset_dir=root / "raw")
-    preprocess.run(
-        spec, report=StepReport("", "preprocess"), run_uri="", raw_dir=root / "raw",
-        prepared_dir=root / "prepared", report_html=root / "quality.html",
-    )  # fmt: skip
+    ingest_and_preprocess(root, spec)
     return spec, load_prepared(root / "prepared")
-
-
-class RecordingReport(StepReport):
-    """The step record as the operator sees it, plus every message (writes are throttled)."""
-
-    def __init__(self, run_uri: str, step: str) -> None:
-        super().__init__(run_uri, step)
-        self.messages: list[str] = []
-
-    def update(self, *, force: bool = False, **fields: Any) -> None:
-        if "message" in fields:
-            self.messages.append(str(fields["message"]))
-        super().update(force=force, **fields)
 
 
 def data_doc(name: str, **model: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kubeloop.api.training_run import Augmentation, DataSource, Preprocessing, TrainingRunSpec
+from kubeloop.api.training_run import Augmentation, Preprocessing
 from kubeloop_pipelines.contract import (
     QUALITY_FILE,
     SCHEMA_FILE,
@@ -28,8 +28,8 @@ from kubeloop_pipelines.ml.preprocess import Prepared, load_prepared, prepare
 from kubeloop_pipelines.ml.text import PAD_ID, UNK_ID, encode_texts
 from kubeloop_pipelines.ml.transforms import transform_module
 from kubeloop_pipelines.progress import StepReport
-from kubeloop_pipelines.steps import ingest
 from kubeloop_pipelines.steps import preprocess as preprocess_step
+from tests.unit.pipelines.conftest import data_source, ingest_and_preprocess, make_spec
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -48,8 +48,9 @@ def write_raw(
         "validation": train.iloc[:2] if validation is None else validation,
         "test": train.iloc[:2] if test is None else test,
     }
-    source = DataSource.model_validate({"uri": "file:///data/table.csv", "target": "y"} | data)
-    schema = datasets.infer_schema(pd.concat(frames.values(), ignore_index=True), source)
+    schema = datasets.infer_schema(
+        pd.concat(frames.values(), ignore_index=True), data_source(**data)
+    )
     raw = root / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for name, frame in frames.items():
@@ -71,12 +72,6 @@ def prepare_frames(
     settings = Preprocessing.model_validate({"scaling": "none"} | preprocessing)
     quality = prepare(raw, tmp_path / "prepared", settings)
     return load_prepared(tmp_path / "prepared"), quality
-
-
-def make_spec(uri: str, target: str, **extra: Any) -> TrainingRunSpec:
-    return TrainingRunSpec.model_validate(
-        {"data": {"uri": uri, "target": target}, "registration": {"modelName": "m"}} | extra
-    )
 
 
 MIXED = pd.DataFrame(
@@ -368,18 +363,7 @@ STEP_CASES = {
 def run_steps(root: Path, name: str) -> tuple[Prepared, dict[str, Any], dict[str, Any]]:
     target, preprocessing = STEP_CASES[name]
     spec = make_spec(f"builtin://{name}", target, preprocessing=preprocessing)
-    run_uri = f"file://{root}/run"
-    ingested = ingest.run(
-        spec, report=StepReport(run_uri, "ingest"), run_uri=run_uri, dataset_dir=root / "raw"
-    )
-    prepared = preprocess_step.run(
-        spec,
-        report=StepReport(run_uri, "preprocess"),
-        run_uri=run_uri,
-        raw_dir=root / "raw",
-        prepared_dir=root / "prepared",
-        report_html=root / "quality.html",
-    )
+    ingested, prepared = ingest_and_preprocess(root, spec, run_uri=f"file://{root}/run")
     results = {"ingest": ingested, "preprocess": prepared}
     return (
         load_prepared(root / "prepared"),

@@ -8,9 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import torch
 
 from kubeloop.api.training_run import Imbalance, ModelSpec, TrainingRunSpec, Tuning
 from kubeloop_pipelines.contract import StepError, read_json
@@ -26,35 +24,13 @@ from kubeloop_pipelines.ml.tune import (
     validate,
 )
 from kubeloop_pipelines.progress import StepReport
-from kubeloop_pipelines.steps import ingest, preprocess
 from kubeloop_pipelines.steps import tune as tune_step
-
-Arrays = tuple[np.ndarray[Any, Any], ...]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    # Tiny networks: one intra-op thread is fastest, and on a busy 2-core box much faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cancer() -> Arrays:
-    from sklearn.datasets import load_breast_cancer
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_breast_cancer(return_X_y=True)
-    xtr, xva, ytr, yva = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    mean, std = xtr.mean(axis=0), xtr.std(axis=0)
-    return (
-        ((xtr - mean) / std).astype(np.float32),
-        ytr.astype(np.int64),
-        ((xva - mean) / std).astype(np.float32),
-        yva.astype(np.int64),
-    )
+from tests.unit.pipelines.conftest import (
+    Arrays,
+    RecordingReport,
+    ingest_and_preprocess,
+    make_spec,
+)
 
 
 def tuning(algorithm: str, space: list[dict[str, Any]], **extra: Any) -> Tuning:
@@ -280,14 +256,11 @@ def test_failing_trials_do_not_stop_the_study(cancer: Arrays) -> None:
 
 
 def spec_json(tuning_doc: dict[str, Any] | None, **model: Any) -> TrainingRunSpec:
-    doc: dict[str, Any] = {
-        "data": {"uri": "builtin://breast-cancer", "target": "label"},
-        "model": {"epochs": 3, "earlyStopping": None, **model},
-        "registration": {"modelName": "cancer"},
-    }
-    if tuning_doc is not None:
-        doc["tuning"] = tuning_doc
-    return TrainingRunSpec.model_validate(doc)
+    tuning = {} if tuning_doc is None else {"tuning": tuning_doc}
+    return make_spec(
+        "builtin://breast-cancer", "label",
+        model={"epochs": 3, "earlyStopping": None, **model}, **tuning,
+    )  # fmt: skip
 
 
 def test_tune_step_without_tuning_writes_the_spec_params(tmp_path: Path) -> None:
@@ -306,18 +279,6 @@ def test_tune_step_without_tuning_writes_the_spec_params(tmp_path: Path) -> None
     assert result.outputs == {"tuned": False}
 
 
-class RecordingReport(StepReport):
-    """The step record as the operator sees it, plus every trials update (writes throttle)."""
-
-    def __init__(self, run_uri: str, step: str) -> None:
-        super().__init__(run_uri, step)
-        self.updates: list[dict[str, Any]] = []
-
-    def update(self, *, force: bool = False, **fields: Any) -> None:
-        self.updates.append(fields)
-        super().update(force=force, **fields)
-
-
 def test_tune_step_reports_every_trial_and_writes_the_best_params(tmp_path: Path) -> None:
     space = [
         {"name": "learningRate", "type": "float", "min": 1e-4, "max": 1e-1, "log": True},
@@ -327,11 +288,7 @@ def test_tune_step_reports_every_trial_and_writes_the_best_params(tmp_path: Path
         {"algorithm": "bayesian", "maxTrials": 4, "seed": 3, "searchSpace": space,
          "objective": {"metric": "roc_auc"}},
     )  # fmt: skip
-    ingest.run(spec, report=StepReport("", "ingest"), run_uri="", dataset_dir=tmp_path / "raw")
-    preprocess.run(
-        spec, report=StepReport("", "preprocess"), run_uri="", raw_dir=tmp_path / "raw",
-        prepared_dir=tmp_path / "prepared", report_html=tmp_path / "quality.html",
-    )  # fmt: skip
+    ingest_and_preprocess(tmp_path, spec)
     run_dir = tmp_path / "run"
     report = RecordingReport(f"file://{run_dir}", "tune")
     result = tune_step.run(
@@ -367,11 +324,7 @@ def test_tune_step_rejects_a_regression_objective_on_classes(tmp_path: Path) -> 
         {"searchSpace": [{"name": "dropout", "type": "float", "min": 0.0, "max": 0.5}],
          "objective": {"metric": "rmse", "direction": "minimize"}},
     )  # fmt: skip
-    ingest.run(spec, report=StepReport("", "ingest"), run_uri="", dataset_dir=tmp_path / "raw")
-    preprocess.run(
-        spec, report=StepReport("", "preprocess"), run_uri="", raw_dir=tmp_path / "raw",
-        prepared_dir=tmp_path / "prepared", report_html=tmp_path / "quality.html",
-    )  # fmt: skip
+    ingest_and_preprocess(tmp_path, spec)
     with pytest.raises(StepError) as caught:
         tune_step.run(
             spec, report=StepReport("", "tune"), run_uri="", prepared_dir=tmp_path / "prepared",
