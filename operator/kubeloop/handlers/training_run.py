@@ -14,7 +14,6 @@ import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import kopf
@@ -31,13 +30,13 @@ from kubeloop.backends.kube import (
     ApiError,
     KubeClient,
 )
+from kubeloop.backends.run_store import RunStore
 from kubeloop.handlers import events
 from kubeloop.handlers.errors import parse
 from kubeloop.handlers.runtime import RECONCILE_SECONDS, RECONCILES, Runtime, runtime
 from kubeloop.planning import training_run as plan
 from kubeloop.planning.naming import child_name
 from kubeloop.settings import Settings
-from kubeloop_pipelines.progress import read_json_object, read_steps
 
 log = logging.getLogger("kubeloop.training")
 
@@ -77,10 +76,6 @@ def run_uri(settings: Settings, tr: TrainingRun, attempt: int) -> str:
     if settings.object_store_prefix:
         return f"{settings.object_store_prefix.rstrip('/')}/{where}"
     return f"file://{settings.artifact_root}/{where}"
-
-
-def local_dir(uri: str) -> Path | None:
-    return Path(uri.removeprefix("file://")) if uri.startswith("file://") else None
 
 
 def executor_for(rt: Runtime, tr: TrainingRun) -> Executor:
@@ -138,23 +133,6 @@ async def gpu_budget(rt: Runtime, tr: TrainingRun) -> tuple[int | None, str, int
     return limit, source, in_use
 
 
-def collect_artifacts(uri: str) -> dict[str, str]:
-    """URIs a person opens: the model, metrics, the reports and plots."""
-    root = local_dir(uri)
-    if root is None or not root.is_dir():
-        return {}
-    found: dict[str, str] = {}
-    if (root / "model").is_dir():
-        found["model"] = f"{uri}/model"
-    for name in ("metrics.json", EVALUATION_FILE):
-        if (root / name).is_file():
-            found[Path(name).stem] = f"{uri}/{name}"
-    for folder in ("reports", "plots"):
-        for path in sorted((root / folder).glob("*"))[:12]:
-            found[f"{folder[:-1]}:{path.stem}"] = f"{uri}/{folder}/{path.name}"
-    return found
-
-
 async def find_registered(kube: KubeClient, tr: TrainingRun, attempt: int) -> str:
     selector = f"{TRAINING_RUN_LABEL}={tr.name},{ATTEMPT_LABEL}={attempt}"
     found = await kube.list(MODEL_VERSIONS, tr.namespace, label_selector=selector)
@@ -168,8 +146,7 @@ async def register(rt: Runtime, tr: TrainingRun, uri: str, run_id: str) -> str:
     existing = await find_registered(rt.kube, tr, attempt)
     if existing:
         return existing
-    root = local_dir(uri)
-    manifest = read_json_object(root / MANIFEST_FILE) if root else None
+    manifest = await asyncio.to_thread(RunStore(uri).read_json, MANIFEST_FILE)
     if manifest is None:
         raise ExecutorError(f"{uri}/{MANIFEST_FILE} is missing or unreadable", temporary=False)
     model = tr.spec.registration.model_name
@@ -232,13 +209,12 @@ async def observe(rt: Runtime, tr: TrainingRun, state: RunState) -> tuple[plan.O
         uri = run_uri(rt.settings, tr, status.attempt)
         seen = await executor.observe(tr.namespace, run_key(tr), status.attempt, status.run_id)
         fields["run"] = plan.RunView(seen.state, seen.message, seen.failed_step, seen.log_tail)
-        root = local_dir(uri)
-        if root is not None:
-            fields["steps"] = await asyncio.to_thread(read_steps, root)
-            fields["artifacts"] = await asyncio.to_thread(collect_artifacts, uri)
-            if seen.state in ("Succeeded", "Failed"):
-                fields["evaluation"] = read_json_object(root / EVALUATION_FILE)
-                fields["manifest"] = (root / MANIFEST_FILE).is_file()
+        store = RunStore(uri)
+        fields["steps"] = await asyncio.to_thread(store.steps)
+        fields["artifacts"] = await asyncio.to_thread(store.artifacts)
+        if seen.state in ("Succeeded", "Failed"):
+            fields["evaluation"] = await asyncio.to_thread(store.read_json, EVALUATION_FILE)
+            fields["manifest"] = await asyncio.to_thread(store.exists, MANIFEST_FILE)
         fields["registered"] = await find_registered(rt.kube, tr, status.attempt)
     return plan.Observed(**fields), executor
 
