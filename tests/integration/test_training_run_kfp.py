@@ -22,7 +22,7 @@ import hashlib
 import json
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,15 @@ async def wait_status(
     return result
 
 
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    """Wait for a condition on the fake (``eventually`` for a plain predicate)."""
+
+    async def check() -> bool:
+        return predicate()
+
+    await eventually(check, within=WITHIN, what=what)
+
+
 def run_key(obj: dict[str, Any]) -> str:
     """``<name>-<first 8 hex digits of the uid>``: the run's name in executors and paths."""
     meta = obj["metadata"]
@@ -260,11 +269,12 @@ async def test_a_killed_operator_reattaches_to_its_run(
     proc = operator_process(namespace, artifact_root, log)
     try:
         await kube.create(TRAINING_RUNS, namespace, training_run("resume", executor=None))
-        await eventually(lambda: _true(len(kfp_api.runs) == 1), within=WITHIN, what="run created")
+        await until(lambda: len(kfp_api.runs) == 1, "the run is created")
         (run_id,) = kfp_api.runs
         await stop(proc, signal.SIGKILL)  # its POST /runs is still waiting for the answer
         kfp_api.hold.set()
         kfp_api.hold = None
+        killed_at = len(kfp_api.requests)
         unwritten = await get_tr(kube, namespace, "resume")
         assert not (unwritten.get("status") or {}).get("runId"), unwritten.get("status")
 
@@ -273,15 +283,24 @@ async def test_a_killed_operator_reattaches_to_its_run(
             kube, namespace, "resume", "re-attached", phase="Running", runId=run_id
         )
         assert obj["status"]["attempt"] == 1
+        # It submitted attempt 1 again, and KfpExecutor found the run by its name instead.
+        display = run_display_name(namespace, run_key(obj), 1)
+        lookups = [
+            r
+            for r in kfp_api.requests[killed_at:]
+            if r.method == "GET"
+            and r.path == f"{API}/runs"
+            and display in r.query.get("filter", "")
+        ]
+        assert lookups
         assert len(kfp_api.run_creations()) == 1
         assert list(kfp_api.runs) == [run_id]
 
         kfp_api.set_state(run_id, "RUNNING")
-        await asyncio.sleep(2.5)  # a pass or two of the daemon on a RUNNING run
+        await asyncio.sleep(2)  # a pass of the daemon on a RUNNING run
         await stop(proc, signal.SIGKILL)
         proc = operator_process(namespace, artifact_root, log)
         # The new process tracks the same run: it sees it fail (and says which step).
-        await asyncio.sleep(2)
         kfp_api.fail_task(run_id, "Evaluate model", "the container was evicted")
         done = await wait_status(kube, namespace, "resume", "Failed", phase="Failed")
         assert (done["status"]["runId"], done["status"]["attempt"]) == (run_id, 1)
@@ -293,10 +312,6 @@ async def test_a_killed_operator_reattaches_to_its_run(
         await stop(proc)
     text = log.read_text(errors="replace")
     assert "Traceback" not in text, text[-4000:]
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # --- 3. failure ------------------------------------------------------------------------------
@@ -327,6 +342,26 @@ async def test_a_failed_task_fails_the_run_naming_the_step(
     assert len(kfp_api.run_creations()) == 1
     assert not kfp_api.terminations()
     assert await kube.list(MODEL_VERSIONS, namespace) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the TrainingRun handler ignores ExecutorError.temporary: a submit that KFP "
+    "refuses for good (HTTP 400) is retried forever with backoff and the status is never "
+    "written (no phase, no Ready condition); only an ExecutorUnavailable event appears",
+)
+async def test_a_pipeline_kfp_refuses_fails_the_run(
+    kube: KubeClient, namespace: str, kfp_api: FakeKfp, kfp_operator: KopfRunner
+) -> None:
+    kfp_api.fail_next("POST", f"{API}/runs", 400, times=100, message="pipeline refused by KFP")
+    await kube.create(TRAINING_RUNS, namespace, training_run("refused"))
+    await until(lambda: bool(kfp_api.run_creations()), "the refused submit")
+    done = await wait_status(kube, namespace, "refused", "Failed", within=8, phase="Failed")
+    ready = condition(done, "Ready")
+    assert ready is not None
+    assert ready["status"] == "False"
+    assert "pipeline refused by KFP" in ready["message"]
+    assert not kfp_api.runs
 
 
 # --- 4. a spec change ----------------------------------------------------------------------
@@ -360,9 +395,7 @@ async def test_a_spec_change_terminates_the_run_and_submits_attempt_2(
     # Deleting the TrainingRun stops its running attempt too.
     kfp_api.set_state(new, "RUNNING")
     await kube.delete(TRAINING_RUNS, namespace, "changing")
-    await eventually(
-        lambda: _true(kfp_api.terminations() == [old, new]), within=WITHIN, what="terminated"
-    )
+    await until(lambda: kfp_api.terminations() == [old, new], "both runs terminated")
     assert kfp_api.runs[new]["state"] == "CANCELED"
 
 
@@ -497,28 +530,3 @@ async def test_a_succeeded_run_registers_the_model_version(
     await eventually(verified, within=WITHIN, what="cancer-v1 Ready")
     assert len(kfp_api.run_creations()) == 1
     assert json.loads((run_dir / "evaluation.json").read_text())["gatesPassed"] is True
-
-
-async def test_probe_permanent_refusal(
-    kube: KubeClient, namespace: str, kfp_api: FakeKfp, kfp_operator: KopfRunner
-) -> None:
-    kfp_api.fail_next("POST", f"{API}/runs", 400, times=1000, message="pipeline refused")
-    await kube.create(TRAINING_RUNS, namespace, training_run("refused"))
-    await asyncio.sleep(20)
-    obj = await get_tr(kube, namespace, "refused")
-    print("STATUS", json.dumps(obj.get("status"))[:1500])
-    print("EVENTS", await event_reasons(kube, namespace, "refused"))
-    print("POSTS", len(kfp_api.calls("POST", f"{API}/runs")))
-
-
-async def test_probe_multi_user(
-    kube: KubeClient, namespace: str, kfp_api: FakeKfp, kfp_operator: KopfRunner
-) -> None:
-    kfp_api.multi_user = True
-    await kube.create(TRAINING_RUNS, namespace, training_run("mu"))
-    await asyncio.sleep(12)
-    obj = await get_tr(kube, namespace, "mu")
-    print("STATUS", json.dumps(obj.get("status"))[:1500])
-    print("EVENTS", await event_reasons(kube, namespace, "mu"))
-    print("REQS", [(r.method, r.path, r.body if r.method == "POST" else None) for r in kfp_api.requests][:6])
-    print(kfp_operator.output[-3000:] if hasattr(kfp_operator, "output") else "")
