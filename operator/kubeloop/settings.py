@@ -47,6 +47,14 @@ class Settings(BaseSettings):
         default="http://ml-pipeline-ui.kubeflow:80",
         description="Kubeflow Pipelines API for the kfp executor.",
     )
+    kfp_multi_user: bool = Field(
+        default=False,
+        description="Kubeflow's multi-user mode: experiments and runs live in the tenant's "
+        "namespace (the pipelines token comes from KF_PIPELINES_SA_TOKEN_PATH in-cluster).",
+    )
+    kfp_ssl_ca_cert: str | None = Field(
+        default=None, description="CA bundle for an https Kubeflow Pipelines API."
+    )
     kueue_queue: str = Field(
         default="",
         description="Kueue LocalQueue name set as kueue.x-k8s.io/queue-name on pipeline pods.",

@@ -344,12 +344,6 @@ async def test_a_failed_task_fails_the_run_naming_the_step(
     assert await kube.list(MODEL_VERSIONS, namespace) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the TrainingRun handler ignores ExecutorError.temporary: a submit that KFP "
-    "refuses for good (HTTP 400) is retried forever with backoff and the status is never "
-    "written (no phase, no Ready condition); only an ExecutorUnavailable event appears",
-)
 async def test_a_pipeline_kfp_refuses_fails_the_run(
     kube: KubeClient, namespace: str, kfp_api: FakeKfp, kfp_operator: KopfRunner
 ) -> None:
@@ -359,7 +353,7 @@ async def test_a_pipeline_kfp_refuses_fails_the_run(
     done = await wait_status(kube, namespace, "refused", "Failed", within=8, phase="Failed")
     ready = condition(done, "Ready")
     assert ready is not None
-    assert ready["status"] == "False"
+    assert (ready["status"], ready["reason"]) == ("False", "ExecutorRejected")
     assert "pipeline refused by KFP" in ready["message"]
     assert not kfp_api.runs
 

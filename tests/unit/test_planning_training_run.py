@@ -10,7 +10,13 @@ import pytest
 from kubeloop import reasons
 from kubeloop.api.training_run import TrainingRunSpec, TrainingRunStatus
 from kubeloop.planning.conditions import find
-from kubeloop.planning.training_run import Observed, RunView, plan_training, spec_problem
+from kubeloop.planning.training_run import (
+    Observed,
+    RunView,
+    executor_error,
+    plan_training,
+    spec_problem,
+)
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 
@@ -146,7 +152,7 @@ def test_a_step_failing_after_retries_shows_the_log_tail() -> None:
     decision = plan_training(spec(), running(), obs(run=run, steps=steps))
     _state, reason, message = ready(decision.status)
     assert reason == reasons.STEP_FAILED
-    assert "step train failed after retries: CUDA OOM" in message
+    assert "step train failed after 3 tries: CUDA OOM" in message
     assert "RuntimeError: CUDA OOM" in message
 
 
@@ -258,3 +264,19 @@ def test_a_gate_or_objective_the_task_cannot_produce_is_named_before_running() -
     )
     assert "spec.tuning.objective.metric='roc_auc'" in spec_problem(tuned)
     assert spec_problem(spec()) == ""
+
+
+def test_an_executor_that_refuses_fails_the_attempt_and_an_unavailable_one_is_retried() -> None:
+    refused, events = executor_error(
+        running(), generation=1, now=NOW, message="400 pipeline rejected", temporary=False
+    )
+    assert refused.phase == "Failed"
+    assert ready(refused)[1] == reasons.EXECUTOR_REJECTED
+    assert "400 pipeline rejected" in ready(refused)[2]
+    assert [e[1] for e in events] == [reasons.EXECUTOR_REJECTED]
+    down, events = executor_error(
+        running(), generation=1, now=NOW, message="connection refused", temporary=True
+    )
+    assert down.phase == "Running"
+    assert ready(down)[1] == reasons.EXECUTOR_UNAVAILABLE
+    assert events == []

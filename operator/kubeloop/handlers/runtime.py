@@ -55,7 +55,11 @@ class Runtime:
             if name == "kfp":
                 from kubeloop.backends.executor_kfp import KfpExecutor
 
-                self.executors[name] = KfpExecutor(self.settings.kfp_host)
+                self.executors[name] = KfpExecutor(
+                    self.settings.kfp_host,
+                    multi_user=self.settings.kfp_multi_user,
+                    ssl_ca_cert=self.settings.kfp_ssl_ca_cert,
+                )
             else:
                 from kubeloop.backends.executor_local import LocalExecutor
 

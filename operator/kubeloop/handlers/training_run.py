@@ -243,26 +243,44 @@ def _seconds(duration: str) -> float:
 async def reconcile_training(rt: Runtime, tr: TrainingRun, state: RunState, logger: Any) -> float:
     """One pass; returns the seconds until the next one is due."""
     async with rt.lock("gpu-budget", tr.namespace):
-        observed, executor = await observe(rt, tr, state)
-        decision = plan.plan_training(tr.spec, tr.status, observed)
-        new = decision.status
-        if decision.cancel_run_id:
-            await executor.cancel(
-                tr.namespace, run_key(tr), decision.cancel_attempt, decision.cancel_run_id
+        decided: TrainingRunStatus | None = None
+        try:
+            observed, executor = await observe(rt, tr, state)
+            decision = plan.plan_training(tr.spec, tr.status, observed)
+            new = decided = decision.status
+            if decision.cancel_run_id:
+                await executor.cancel(
+                    tr.namespace, run_key(tr), decision.cancel_attempt, decision.cancel_run_id
+                )
+            if decision.submit:
+                assert state.compiled is not None
+                submission = _submission(rt, tr, new, state.compiled.ir_yaml)
+                new.run_id = await executor.submit(submission)
+            if decision.register:
+                uri = run_uri(rt.settings, tr, new.attempt)
+                registered = await register(rt, tr, uri, new.run_id)
+                again = plan.plan_training(
+                    tr.spec,
+                    new,
+                    _replace(observed, registered=registered, generation=new.observed_generation),
+                )
+                decision.events += again.events
+                decision.status, new = again.status, again.status
+        except ExecutorError as exc:
+            # Refused for good: the attempt fails with the executor's words. Unavailable: say
+            # so in Ready, keep the phase, and let the daemon retry with backoff.
+            base = tr.status if exc.temporary or decided is None else decided
+            status, events_ = plan.executor_error(
+                base,
+                generation=tr.metadata.generation,
+                now=dt.datetime.now(dt.UTC),
+                message=exc.message,
+                temporary=exc.temporary,
             )
-        if decision.submit:
-            assert state.compiled is not None
-            new.run_id = await executor.submit(_submission(rt, tr, new, state.compiled.ir_yaml))
-        if decision.register:
-            uri = run_uri(rt.settings, tr, new.attempt)
-            registered = await register(rt, tr, uri, new.run_id)
-            again = plan.plan_training(
-                tr.spec,
-                new,
-                _replace(observed, registered=registered, generation=new.observed_generation),
-            )
-            decision.events += again.events
-            decision.status, new = again.status, again.status
+            await _write(rt, tr, status, events_, logger)
+            if exc.temporary:
+                raise
+            return plan.IDLE_S
         await _write(rt, tr, new, decision.events, logger)
     return decision.requeue_after
 

@@ -279,10 +279,27 @@ def _failed_run_message(steps: dict[str, dict[str, Any]], run: RunView) -> tuple
         return reasons.INVALID_INPUT, f"step {step} failed: {where}{record.get('message', '')}"
     detail = (record or {}).get("message") or run.message or "failed"
     tail = run.log_tail.strip()[-1500:]
-    message = f"step {step} failed after retries: {detail}"
+    tries = int((record or {}).get("tries", 1) or 1)
+    after = f" after {tries} tries" if tries > 1 else ""
+    message = f"step {step} failed{after}: {detail}"
     if tail:
         message += f"\nlog tail:\n{tail}"
     return reasons.STEP_FAILED, message
+
+
+def executor_error(
+    status: TrainingRunStatus, *, generation: int, now: dt.datetime, message: str, temporary: bool
+) -> tuple[TrainingRunStatus, list[tuple[str, str, str]]]:
+    """The status after the executor failed us: unavailable (temporary) keeps the phase and
+    says so in Ready; refused (permanent) fails the attempt, naming what the executor said."""
+    status = status.model_copy(deep=True)
+    obs = Observed(generation=generation, now=now)
+    if temporary:
+        text = f"executor unavailable, retrying: {message}"
+        _ready(status, obs, "False", reasons.EXECUTOR_UNAVAILABLE, text)
+        return status, []
+    text = f"the executor refused attempt {status.attempt}: {message}"
+    return status, _fail(status, obs, reasons.EXECUTOR_REJECTED, text)
 
 
 def plan_training(spec: TrainingRunSpec, status: TrainingRunStatus, obs: Observed) -> Decision:
