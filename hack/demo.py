@@ -140,29 +140,51 @@ class Traffic(threading.Thread):
             time.sleep(0.02)
 
 
+def watch(
+    cluster: cluster_mod.Cluster,
+    resource: str,
+    describe: Callable[[dict[str, Any]], str],
+    until: Callable[[dict[str, Any]], bool],
+    what: str,
+    *,
+    timeout: float = 240,
+    since: float | None = None,
+) -> dict[str, Any]:
+    """Print each new state of ``resource`` (like `kubectl get -w`, optionally with the seconds
+    since ``since``) until ``until(status)``; returns that status."""
+    last, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        obj = json.loads(
+            kubectl(cluster, "get", *resource.split("/"), "-n", NAMESPACE, "-o", "json")
+        )
+        st = obj.get("status") or {}
+        line = describe(st)
+        if line != last:
+            prefix = "" if since is None else f"{time.monotonic() - since:6.1f}s "
+            print(f"{prefix}{line}", flush=True)
+            last = line
+        if until(st):
+            return dict(st)
+        time.sleep(0.5)
+    raise SystemExit(f"{resource} did not reach {what} in {timeout:.0f}s")
+
+
 def follow(
     cluster: cluster_mod.Cluster,
     until: Callable[[dict[str, Any]], bool],
     what: str,
     timeout: float = 240,
 ) -> dict[str, Any]:
-    """Print each new state of the deployment (like `kubectl get md -w`) until ``until``."""
-    last, deadline = "", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        md = json.loads(kubectl(cluster, "get", "md", "churn", "-n", NAMESPACE, "-o", "json"))
-        st = md.get("status") or {}
-        line = (
+    """The deployment's stable/canary/weight as the rollout moves."""
+
+    def describe(st: dict[str, Any]) -> str:
+        return (
             f"  stable={st.get('stable', {}).get('modelVersion')} "
             f"canary={st.get('canary', {}).get('modelVersion') or '-'} "
             f"weight={st.get('canary', {}).get('weight', 0)}% phase={st.get('phase')}"
         )
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if until(st):
-            return dict(st)
-        time.sleep(0.5)
-    raise SystemExit(f"the deployment did not reach {what} in {timeout:.0f}s")
+
+    return watch(cluster, "md/churn", describe, until, what, timeout=timeout)
 
 
 def start_operator(
@@ -191,25 +213,20 @@ def training_story(cluster: cluster_mod.Cluster) -> None:
     say("kubectl apply -f examples/02-train-tabular/  (fraud MLP: focal loss, TPE tuning, gates)")
     started = time.monotonic()
     show(cluster, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "02-train-tabular"))
-    last, deadline = "", started + 600
-    tr: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        tr = json.loads(kubectl(cluster, "get", "tr", "fraud-mlp", "-n", NAMESPACE, "-o", "json"))
-        st = tr.get("status") or {}
-        line = (
+
+    def describe(st: dict[str, Any]) -> str:
+        return (
             f"  phase={st.get('phase')} step={st.get('currentStep') or '-'} "
             f"trials={st.get('trials', {}).get('progress') or '-'} "
             f"best={st.get('bestMetric') or '-'}"
         )
-        if line != last:
-            print(f"{time.monotonic() - started:6.1f}s {line}", flush=True)
-            last = line
-        if st.get("phase") in ("Succeeded", "Failed"):
-            break
-        time.sleep(1)
+
+    def finished(st: dict[str, Any]) -> bool:
+        return st.get("phase") in ("Succeeded", "Failed")
+
+    st = watch(cluster, "tr/fraud-mlp", describe, finished, "an end", timeout=600, since=started)
     took = time.monotonic() - started
     show(cluster, "get", "tr", "-n", NAMESPACE, "-o", "wide")
-    st = tr.get("status") or {}
     if st.get("phase") != "Succeeded":
         ready: dict[str, Any] = next(
             (c for c in st.get("conditions", []) if c["type"] == "Ready"), {}
