@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import kopf
@@ -22,7 +22,7 @@ import pydantic
 from kubeloop import GROUP, VERSION, reasons
 from kubeloop.api.model_version import ModelVersionSpec
 from kubeloop.api.training_run import TrainingRun, TrainingRunStatus
-from kubeloop.backends.executor import Executor, ExecutorError, RunObservation, Submission
+from kubeloop.backends.executor import Executor, ExecutorError, Submission
 from kubeloop.backends.kube import (
     MODEL_VERSIONS,
     RESOURCE_QUOTAS,
@@ -37,13 +37,12 @@ from kubeloop.handlers.runtime import RECONCILE_SECONDS, RECONCILES, Runtime, ru
 from kubeloop.planning import training_run as plan
 from kubeloop.planning.naming import child_name
 from kubeloop.settings import Settings
+from kubeloop_pipelines.contract import EVALUATION_FILE, MANIFEST_FILE
 
 log = logging.getLogger("kubeloop.training")
 
 TRAINING_RUN_LABEL = "kubeloop.dev/training-run"
 ATTEMPT_LABEL = "kubeloop.dev/attempt"
-MANIFEST_FILE = "modelversion.json"
-EVALUATION_FILE = "evaluation.json"
 
 
 @dataclass
@@ -215,7 +214,8 @@ async def observe(rt: Runtime, tr: TrainingRun, state: RunState) -> tuple[plan.O
         if seen.state in ("Succeeded", "Failed"):
             fields["evaluation"] = await asyncio.to_thread(store.read_json, EVALUATION_FILE)
             fields["manifest"] = await asyncio.to_thread(store.exists, MANIFEST_FILE)
-        fields["registered"] = await find_registered(rt.kube, tr, status.attempt)
+        if seen.state == "Succeeded":  # only a finished run can have registered anything
+            fields["registered"] = await find_registered(rt.kube, tr, status.attempt)
     return plan.Observed(**fields), executor
 
 
@@ -231,13 +231,8 @@ def _submission(
         spec_hash=status.spec_hash,
         run_uri=uri,
         arguments={"run_uri": uri},
-        timeout_s=_seconds(tr.spec.timeout),
+        timeout_s=plan.timeout_seconds(tr.spec),
     )
-
-
-def _seconds(duration: str) -> float:
-    unit = {"s": 1, "m": 60, "h": 3600}[duration[-1]]
-    return float(duration[:-1]) * unit
 
 
 async def reconcile_training(rt: Runtime, tr: TrainingRun, state: RunState, logger: Any) -> float:
@@ -262,7 +257,7 @@ async def reconcile_training(rt: Runtime, tr: TrainingRun, state: RunState, logg
                 again = plan.plan_training(
                     tr.spec,
                     new,
-                    _replace(observed, registered=registered, generation=new.observed_generation),
+                    replace(observed, registered=registered, generation=new.observed_generation),
                 )
                 decision.events += again.events
                 decision.status, new = again.status, again.status
@@ -283,12 +278,6 @@ async def reconcile_training(rt: Runtime, tr: TrainingRun, state: RunState, logg
             return plan.IDLE_S
         await _write(rt, tr, new, decision.events, logger)
     return decision.requeue_after
-
-
-def _replace(observed: plan.Observed, **changes: Any) -> plan.Observed:
-    from dataclasses import replace
-
-    return replace(observed, **changes)
 
 
 async def _write(
@@ -372,6 +361,3 @@ async def delete_training(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         await executor_for(rt, tr).cancel(
             tr.namespace, run_key(tr), tr.status.attempt, tr.status.run_id
         )
-
-
-__all__ = ["RunObservation", "register", "run_training", "run_uri"]

@@ -14,6 +14,11 @@ def rfc3339(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_rfc3339(text: str) -> dt.datetime:
+    """The inverse of :func:`rfc3339` (``2026-11-26T12:00:00Z``), timezone-aware."""
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
 def set_condition(
     conditions: list[Condition],
     type_: str,

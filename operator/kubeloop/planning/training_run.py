@@ -20,7 +20,7 @@ from croniter import croniter
 
 from kubeloop import reasons
 from kubeloop.api.training_run import Attempt, TrainingRunSpec, TrainingRunStatus, Trials
-from kubeloop.planning.conditions import rfc3339, set_condition
+from kubeloop.planning.conditions import parse_rfc3339, rfc3339, set_condition
 from kubeloop_pipelines.contract import STEPS
 
 RunState = Literal["Pending", "Running", "Succeeded", "Failed", "Unknown"]
@@ -118,8 +118,7 @@ def next_scheduled(schedule: str, status: TrainingRunStatus) -> dt.datetime | No
     base_text = status.last_scheduled_at or status.started_at
     if not base_text:
         return None
-    base = dt.datetime.strptime(base_text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-    nxt: dt.datetime = croniter(schedule, base).get_next(dt.datetime)
+    nxt: dt.datetime = croniter(schedule, parse_rfc3339(base_text)).get_next(dt.datetime)
     return nxt if nxt.tzinfo else nxt.replace(tzinfo=dt.UTC)
 
 
@@ -169,9 +168,7 @@ def _ready(
     reason: str,
     message: str,
 ) -> None:
-    status.conditions = set_condition(
-        status.conditions, "Ready", value, reason, message, generation=obs.generation, now=obs.now
-    )
+    _condition(status, obs, type_="Ready", value=value, reason=reason, message=message)
 
 
 def _condition(
@@ -363,14 +360,18 @@ def _plan_admission(
     decision.events.append(("Normal", reasons.SUBMITTED, message))
 
 
+def timeout_seconds(spec: TrainingRunSpec) -> float:
+    """``spec.timeout`` (``90s``, ``30m``, ``2h``) in seconds."""
+    unit = {"s": 1, "m": 60, "h": 3600}[spec.timeout[-1]]
+    return float(spec.timeout[:-1]) * unit
+
+
 def _overdue(spec: TrainingRunSpec, status: TrainingRunStatus, now: dt.datetime) -> str:
     """Why the attempt ran past ``spec.timeout`` ('' while within it)."""
     if not status.started_at:
         return ""
-    started = dt.datetime.strptime(status.started_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-    unit = {"s": 1, "m": 60, "h": 3600}[spec.timeout[-1]]
-    limit = dt.timedelta(seconds=float(spec.timeout[:-1]) * unit)
-    if now - started <= limit:
+    limit = dt.timedelta(seconds=timeout_seconds(spec))
+    if now - parse_rfc3339(status.started_at) <= limit:
         return ""
     return (
         f"attempt {status.attempt} ran longer than spec.timeout={spec.timeout} "
