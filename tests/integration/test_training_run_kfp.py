@@ -199,6 +199,15 @@ async def event_reasons(kube: KubeClient, namespace: str, name: str) -> list[str
     ]
 
 
+async def event_posted(kube: KubeClient, namespace: str, name: str, reason: str) -> None:
+    """kopf posts Events in the background, after the status write: wait for the one named."""
+
+    async def check() -> bool:
+        return reason in await event_reasons(kube, namespace, name)
+
+    await eventually(check, within=WITHIN, what=f"Event {reason} on {name}")
+
+
 # --- 1. submit -----------------------------------------------------------------------------
 
 
@@ -246,7 +255,7 @@ async def test_submits_the_compiled_ir_once_into_the_namespace_experiment(
     ready = condition(again, "Ready")
     assert ready is not None
     assert (ready["status"], ready["reason"]) == ("False", "Running")
-    assert "Submitted" in await event_reasons(kube, namespace, "cancer-kfp")
+    await event_posted(kube, namespace, "cancer-kfp", "Submitted")
 
 
 # --- 2. restarts -----------------------------------------------------------------------------
@@ -334,7 +343,7 @@ async def test_a_failed_task_fails_the_run_naming_the_step(
     assert ready["message"].startswith("step train failed"), ready["message"]
     assert "task 'Train model' failed: OOMKilled: the container used 2Gi" in ready["message"]
     assert done["status"]["completedAt"]
-    assert "StepFailed" in await event_reasons(kube, namespace, "oom")
+    await event_posted(kube, namespace, "oom", "StepFailed")
 
     await asyncio.sleep(3)  # a failed attempt stays failed: no new run, nothing terminated
     again = await get_tr(kube, namespace, "oom")
@@ -384,7 +393,7 @@ async def test_a_spec_change_terminates_the_run_and_submits_attempt_2(
     assert second["status"]["observedGeneration"] == second["metadata"]["generation"]
     history = [(h["number"], h["runId"], h["result"]) for h in second["status"]["history"]]
     assert history == [(1, old, "Superseded")]
-    assert "Superseded" in await event_reasons(kube, namespace, "changing")
+    await event_posted(kube, namespace, "changing", "Superseded")
 
     # Deleting the TrainingRun stops its running attempt too.
     kfp_api.set_state(new, "RUNNING")
