@@ -35,7 +35,8 @@ from fastapi import Request  # module level: FastAPI resolves the handler's anno
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kubeloop.serving.artifact import load_model, reference_from_data, save_model  # noqa: E402
+from kubeloop.contract.reference import reference_from_data  # noqa: E402
+from kubeloop.serving.artifact import load_model, save_model  # noqa: E402
 from kubeloop.serving.samples import (  # noqa: E402
     CLASSES,
     breast_cancer,

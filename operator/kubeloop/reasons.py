@@ -21,6 +21,7 @@ INVALID_NAME: Final = "InvalidName"
 ALIAS_MOVED: Final = "AliasMoved"
 ALIAS_CLAIMED: Final = "AliasClaimed"
 API_UNAVAILABLE: Final = "ApiUnavailable"
+RECONCILE_FAILED: Final = "ReconcileFailed"
 REGISTERED: Final = "Registered"
 
 # ModelDeployment.

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kubeloop.api.model_version import Alias
+
 
 def _cache() -> Path:
     return Path.home() / ".cache" / "kubeloop"
@@ -24,6 +26,10 @@ class Settings(BaseSettings):
     )
     serving_backend: Literal["local", "kserve"] = Field(
         default="local", description="Default ModelDeployment backend."
+    )
+    promote_alias: Alias = Field(
+        default="production",
+        description="Alias a promoted version claims, unless spec.rollout.promoteAlias says.",
     )
     artifact_root: Path = Field(
         default_factory=lambda: Path("/tmp/kubeloop/artifacts"),

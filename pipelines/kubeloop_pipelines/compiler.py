@@ -11,11 +11,12 @@ sorted keys; ``sdkVersion`` names the kfp release, which is fine); the tests com
 processes with different working directories and hash seeds to keep it that way.
 
 Pipeline: ingest → preprocess → [tune] → train → [optimize] → evaluate → [explain] → register,
-the last one only when evaluate's ``gates_passed`` is true. Every task gets a display name
-(starting with its step's name, capitalised: executors read the failed step from it), the spec's
-caching and retries (backoff 10 s, doubling), and the CPU/memory of ``spec.resources``, its node
-selector and tolerations; the GPU goes to tune and train only (see ``accelerator_resource``).
-With a Kueue queue, every pod carries ``kueue.x-k8s.io/queue-name``.
+the last one only when evaluate's ``gates_passed`` is true. Every task gets its step's display
+name (``kubeloop.contract.steps.DISPLAY_NAMES``: executors map it back to the step with
+``step_of_task``), the spec's caching and retries (backoff 10 s, doubling), and the CPU/memory
+of ``spec.resources``, its node selector and tolerations; the GPU goes to tune and train only
+(see ``accelerator_resource``). With a Kueue queue, every pod carries
+``kueue.x-k8s.io/queue-name``.
 
 (No ``from __future__ import annotations``: KFP reads the pipeline function's annotations.)
 """
@@ -34,13 +35,13 @@ from kfp import dsl
 from kfp import kubernetes as kfp_kubernetes
 
 from kubeloop.api.training_run import TrainingRunSpec
+from kubeloop.contract.labels import KUEUE_QUEUE_LABEL
+from kubeloop.contract.steps import DISPLAY_NAMES
 from kubeloop_pipelines.components import DEFAULT_IMAGE, StepComponents, step_components
 
 __all__ = [
     "DEFAULT_IMAGE",
-    "DISPLAY_NAMES",
     "GPU_STEPS",
-    "KUEUE_LABEL",
     "CompiledPipeline",
     "accelerator_resource",
     "build_pipeline",
@@ -50,18 +51,6 @@ __all__ = [
     "selected_steps",
 ]
 
-KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# The failed step is the first word of a task's display name, lower-cased (executor_kfp).
-DISPLAY_NAMES = {
-    "ingest": "Ingest data",
-    "preprocess": "Preprocess data",
-    "tune": "Tune hyperparameters",
-    "train": "Train model",
-    "optimize": "Optimize model",
-    "evaluate": "Evaluate model",
-    "explain": "Explain model",
-    "register": "Register model version",
-}
 GPU_STEPS = frozenset({"tune", "train"})
 RETRY_BACKOFF = "10s"
 RETRY_BACKOFF_FACTOR = 2.0
@@ -155,7 +144,7 @@ def _configure(task: Any, step: str, spec: TrainingRunSpec, kueue_queue: str) ->
             toleration_seconds=tol.toleration_seconds,
         )
     if kueue_queue:
-        kfp_kubernetes.add_pod_label(task, label_key=KUEUE_LABEL, label_value=kueue_queue)
+        kfp_kubernetes.add_pod_label(task, label_key=KUEUE_QUEUE_LABEL, label_value=kueue_queue)
     return task
 
 

@@ -2,7 +2,7 @@
 
 KFP ships each function's *source* to the pod (or to ``kfp.local``'s subprocess) and runs it in
 the training image, so every body imports what it needs inside the function and stays a thin
-wrapper: :func:`kubeloop_pipelines.runtime.run_step` keeps the progress record, calls the step,
+wrapper: :func:`kubeloop_pipelines.step_runner.run_step` keeps the progress record, calls the step,
 logs the metrics and handles the errors. The image already holds kfp and kubeloop, hence
 ``install_kfp_package=False`` and no ``packages_to_install`` (which also keeps ``kfp.local``
 offline).
@@ -44,7 +44,7 @@ def ingest(
 ) -> None:
     """Ingest: read the data source (file, object store or built-in dataset), keep the selected
     features and the target, and split the rows (seeded) into train/validation/test."""
-    from kubeloop_pipelines.runtime import run_step
+    from kubeloop_pipelines.step_runner import run_step
 
     run_step("ingest", spec_json, run_uri, {"dataset_dir": dataset.path}, summary=summary)
 
@@ -60,7 +60,7 @@ def preprocess(
 ) -> None:
     """Preprocess: clean (missing values, outliers, duplicates), check the data-quality gate,
     fit the encoders and scalers on the training split and write the prepared arrays."""
-    from kubeloop_pipelines.runtime import run_step
+    from kubeloop_pipelines.step_runner import run_step
 
     paths = {"raw_dir": raw.path, "prepared_dir": prepared.path, "report_html": report.path}
     run_step("preprocess", spec_json, run_uri, paths, metrics=metrics)
@@ -76,7 +76,7 @@ def tune(
     metrics: Output[Metrics],
 ) -> None:
     """Tune: search the hyperparameters (trials on the validation split) and write the best."""
-    from kubeloop_pipelines.runtime import run_step
+    from kubeloop_pipelines.step_runner import run_step
 
     paths = {"prepared_dir": prepared.path, "params_path": params.path, "report_html": report.path}
     run_step("tune", spec_json, run_uri, paths, metrics=metrics)
@@ -94,7 +94,7 @@ def train(
 ) -> None:
     """Train: fit the model (with the tuned hyperparameters when tuning ran) and export the
     serving artifact; the learning curves go to an HTML page."""
-    from kubeloop_pipelines.runtime import run_step
+    from kubeloop_pipelines.step_runner import run_step
 
     # Without tuning, a params file that does not exist: train uses the spec's hyperparameters.
     untuned = model.path.rstrip("/") + ".untuned-params.json"
@@ -119,7 +119,7 @@ def optimize(
 ) -> None:
     """Optimize: prune, quantise or distil the model; keep a variant only within the accuracy
     budget and when it is fast enough, else hand the trained model on."""
-    from kubeloop_pipelines.runtime import run_step
+    from kubeloop_pipelines.step_runner import run_step
 
     paths = {
         "prepared_dir": prepared.path,
@@ -143,7 +143,7 @@ def evaluate(
 ) -> bool:
     """Evaluate: test-split metrics, confusion matrix and ROC, serving cost, and the gates.
     Returns ``gates_passed``: the model is registered only when it is true."""
-    from kubeloop_pipelines.runtime import run_step
+    from kubeloop_pipelines.step_runner import run_step
 
     paths = {
         "prepared_dir": prepared.path,
@@ -167,7 +167,7 @@ def explain(
     metrics: Output[Metrics],
 ) -> None:
     """Explain: global feature importance and per-sample explanations, as plots."""
-    from kubeloop_pipelines.runtime import run_step
+    from kubeloop_pipelines.step_runner import run_step
 
     paths = {"prepared_dir": prepared.path, "model_dir": model.path, "report_html": report.path}
     run_step("explain", spec_json, run_uri, paths, metrics=metrics)
@@ -184,7 +184,7 @@ def register(
 ) -> None:
     """Register: write the ModelVersion manifest (model URI, metrics, lineage) that the
     operator applies."""
-    from kubeloop_pipelines.runtime import run_step
+    from kubeloop_pipelines.step_runner import run_step
 
     paths = {
         "raw_dir": raw.path,

@@ -1,5 +1,9 @@
 """What the pipeline steps hand each other: directory layouts, results and errors.
 
+What the steps share with the operator and the serving runtime (the step names, the run
+directory's files, the artifact format) is in ``kubeloop.contract``; this module holds what only
+the steps read.
+
 Each step reads and writes plain directories (the paths of KFP artifacts), so the same code
 runs under KFP on a cluster, under ``kfp.local`` on a laptop, and directly in unit tests.
 
@@ -8,7 +12,7 @@ Layouts
 raw dataset (ingest → preprocess)::
 
     train.parquet  validation.parquet  test.parquet   # the selected features + the target
-    schema.json                                       # see Schema
+    schema.json                                       # see ml/datasets.DatasetSchema
 
 prepared dataset (preprocess → tune/train/evaluate/explain/optimise)::
 
@@ -33,7 +37,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kubeloop.api.training_run import TrainingRunSpec
 
@@ -45,11 +49,8 @@ ARCH_FILE = "arch.json"
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
 PARAMS_FILE = "params.json"
-EVALUATION_FILE = "evaluation.json"
-MANIFEST_FILE = "modelversion.json"
-
-# Steps in pipeline order; the operator shows the running one in `kubectl get tr`.
-STEPS = ("ingest", "preprocess", "tune", "train", "optimize", "evaluate", "explain", "register")
+# schema.json's and transform.json's "modality": what kind of rows the features describe.
+Modality = Literal["tabular", "image", "text"]
 
 
 class StepError(Exception):

@@ -22,7 +22,7 @@ Retries: kfp.local (2.17) honours each task's ``retryPolicy`` (``set_retry``: co
 factor), like a cluster. A step that failed *permanently* (its progress record in
 ``<run_uri>/steps/`` says ``permanent``) is not worth the backoff: a watcher ends the run as
 soon as such a record appears (and the retried component would fail at once anyway, see
-``runtime.run_step``).
+``step_runner.run_step``).
 
 ``kfp.local.init`` is process-global and the run blocks, hence one process per run; the
 operator starts it detached (``executor_local.LocalExecutor``) and re-attaches after a restart.

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-STEPS_DIR = "steps"
+from kubeloop.contract.steps import STEPS_DIR, step_record
 
 
 def _now() -> str:
@@ -90,9 +90,7 @@ class StepReport:
             return
         self._last_write = now
         self.record["updatedAt"] = _now()
-        write_text(
-            self.run_uri, f"{STEPS_DIR}/{self.step}.json", json.dumps(self.record, default=float)
-        )
+        write_text(self.run_uri, step_record(self.step), json.dumps(self.record, default=float))
 
     def started(self) -> None:
         self.record.update(state="Running", startedAt=_now(), message="")

@@ -38,9 +38,9 @@ import yaml
 from kubeloop.api.training_run import SearchParameter, TrainingRun, TrainingRunSpec
 from kubeloop.backends.executor import RunObservation, Submission
 from kubeloop.backends.executor_local import LocalExecutor
+from kubeloop.contract.steps import EVALUATION_FILE, MANIFEST_FILE
 from kubeloop.serving.artifact import LoadedModel, load_model
 from kubeloop_pipelines.compiler import CompiledPipeline, compile_spec, selected_steps
-from kubeloop_pipelines.contract import EVALUATION_FILE, MANIFEST_FILE
 from kubeloop_pipelines.ml.preprocess import Prepared, load_prepared
 from kubeloop_pipelines.ml.tune import grid_size, grid_values
 from kubeloop_pipelines.progress import read_steps

@@ -33,8 +33,8 @@ from kubeloop.backends.executor import (
 )
 from kubeloop.backends.executor_kfp import KfpExecutor
 from kubeloop.backends.executor_local import LocalExecutor
+from kubeloop.contract.steps import MANIFEST_FILE
 from kubeloop_pipelines.compiler import compile_spec
-from kubeloop_pipelines.contract import MANIFEST_FILE
 from tests.conftest import ROOT
 from tests.fakes.kfp_api import FakeKfpApi
 

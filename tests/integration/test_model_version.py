@@ -11,7 +11,6 @@ from typing import Any
 
 from kopf.testing import KopfRunner
 
-from kubeloop.backends.artifacts import digest
 from kubeloop.backends.kube import (
     CONFIGMAPS,
     EVENTS,
@@ -20,6 +19,7 @@ from kubeloop.backends.kube import (
     KubeClient,
     NotFound,
 )
+from kubeloop.contract.artifact import digest
 from tests.integration.conftest import (
     LocalCluster,
     condition,

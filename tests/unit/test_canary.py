@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kubeloop.api.model_deployment import ModelDeploymentSpec, ModelDeploymentStatus
+from kubeloop.contract import durations
 from kubeloop.planning import canary
 from kubeloop.planning.canary import Measurements, Target, plan_rollout, psi
 from kubeloop.planning.conditions import find
@@ -206,6 +207,24 @@ def test_psi() -> None:
 
 
 def test_durations() -> None:
-    assert canary.seconds("1m30s") == 90
-    assert canary.seconds("250ms") == 0.25
-    assert canary.seconds("2h") == 7200
+    assert durations.seconds("1m30s") == 90
+    assert durations.seconds("250ms") == 0.25
+    assert durations.seconds("2h") == 7200
+
+
+def test_analysis_is_due_exactly_when_the_plan_would_judge_the_step() -> None:
+    sp, st = spec(), serving()
+    started = step(sp, st, "m-v2", 0).status
+
+    def due(status: ModelDeploymentStatus, at: float, **kw: Any) -> bool:
+        args: dict[str, Any] = {"canary_ready": True, "now": T0 + dt.timedelta(seconds=at)}
+        return canary.analysis_due(kw.pop("sp", sp), status, kw.pop("target", "m-v2"),
+                                   **{**args, **kw})  # fmt: skip
+
+    assert not due(st, 120)  # no canary yet
+    assert not due(started, 30)  # the interval has not passed
+    assert due(started, 60)
+    assert step(sp, started, "m-v2", 60).analyse  # the plan agrees: it wants measurements
+    assert not due(started, 60, canary_ready=False)
+    assert not due(started, 60, target="m-v3")  # a new target restarts the rollout instead
+    assert not due(started, 60, sp=spec().model_copy(update={"paused": True}))

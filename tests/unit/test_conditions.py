@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from kubeloop.planning.conditions import find, is_true, rfc3339, set_condition
+from kubeloop.contract.durations import rfc3339
+from kubeloop.planning.conditions import find, is_true, set_condition
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 T1 = T0 + dt.timedelta(minutes=5)

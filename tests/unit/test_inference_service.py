@@ -7,13 +7,13 @@ from typing import Any
 import pytest
 
 from kubeloop.api.model_deployment import ModelDeployment
-from kubeloop.backends.serving import Placement, Served
 from kubeloop.backends.serving_kserve import serving_state
 from kubeloop.planning.inference_service import (
     build_inference_service,
     cluster_storage_uri,
     predictor_name,
 )
+from kubeloop.planning.placement import Placement, Served
 
 IMAGE = "ghcr.io/kubeloop/serving:test"
 V1 = Served("churn-v1", "s3://models/ns/churn/v1")

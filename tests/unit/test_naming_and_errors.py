@@ -10,7 +10,7 @@ import pytest
 from kubeloop.api.model_version import ModelVersion
 from kubeloop.backends.kube import ApiError, NotFound
 from kubeloop.handlers import events
-from kubeloop.handlers.errors import InvalidSpec, backoff, parse, reconciler
+from kubeloop.handlers.errors import InvalidSpec, backoff, reconciler
 from kubeloop.planning.naming import child_name
 
 
@@ -85,7 +85,7 @@ async def test_model_validation_error_names_the_field() -> None:
 
     @reconciler("ModelVersion")
     async def handler(body: Any, **_: Any) -> None:
-        parse(ModelVersion, body)
+        ModelVersion.parse(body)
 
     patch = kopf.Patch()
     with pytest.raises(kopf.PermanentError, match=r"spec\.version"):

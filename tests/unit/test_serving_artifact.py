@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from kubeloop.serving.artifact import (
-    METADATA_FILE,
-    PROGRAM_FILE,
-    ArtifactError,
-    bucket_index,
-    load_model,
-    reference_from_data,
-    save_model,
-)
+from kubeloop.contract.artifact import METADATA_FILE, PROGRAM_FILE
+from kubeloop.contract.reference import bucket_index, reference_from_data
+from kubeloop.serving.artifact import ArtifactError, load_model, save_model
 from kubeloop.serving.cache import ResponseCache, rows_key
 from kubeloop.serving.samples import (
     CLASSES,

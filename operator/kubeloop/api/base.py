@@ -6,8 +6,9 @@ field's description, bound, enum and CEL rule is declared here, next to the Pyth
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
@@ -158,6 +159,12 @@ class Resource(BaseModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
     crd: ClassVar[CRDInfo]
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> Self:
+        """The request body becomes a model at the edge, before any logic runs (a
+        ``pydantic.ValidationError`` names the field otherwise)."""
+        return cls.model_validate(dict(body))
 
     api_version: str = ""
     kind: str = ""

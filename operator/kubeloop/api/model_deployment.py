@@ -189,6 +189,11 @@ class Rollout(ApiModel):
     interval: Duration = Field(default="60s", description="Time between analyses.")
     max_duration: Duration = Field(default="2h", description="Abort after this long.")
     analysis: Analysis = Field(default_factory=Analysis, description="Health checks.")
+    promote_alias: Alias | None = Field(
+        default=None,
+        description="Alias the registry moves to a version once it is promoted (default: "
+        "the operator's promoteAlias setting, production).",
+    )
 
 
 class ModelDeploymentSpec(ApiModel):

@@ -92,12 +92,9 @@ class Lineage(ApiModel):
     )
 
 
-class FeatureReference(ApiModel):
-    """Training distribution of one feature: histogram edges and fractions, for drift."""
+class HistogramReference(ApiModel):
+    """A training-time histogram: bucket edges and the fraction of rows in each bucket."""
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
-        description="Feature name."
-    )
     edges: list[float] = Field(
         default_factory=list,
         max_length=65,
@@ -105,6 +102,14 @@ class FeatureReference(ApiModel):
     )
     fractions: list[float] = Field(
         default_factory=list, max_length=64, description="Fraction of training rows per bucket."
+    )
+
+
+class FeatureReference(HistogramReference):
+    """Training distribution of one feature: histogram edges and fractions, for drift."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
+        description="Feature name."
     )
 
 
@@ -151,6 +156,12 @@ class ModelVersionSpec(ApiModel):
         max_length=256,
         json_schema_extra=immutable("spec.reference"),
         description="Training distribution of each feature (drift baseline).",
+    )
+    prediction_reference: HistogramReference | None = Field(
+        default=None,
+        json_schema_extra=immutable("spec.predictionReference"),
+        description="Distribution of the model's prediction score on validation data "
+        "(prediction-drift baseline).",
     )
     aliases: list[Alias] = Field(
         default_factory=list,

@@ -10,6 +10,7 @@ from kubeloop.api.base import (
     ApiModel,
     CRDInfo,
     DNSLabel,
+    Duration,
     LabelMap,
     MetricName,
     PrinterColumn,
@@ -378,8 +379,8 @@ class TrainingRunSpec(ApiModel):
     ) = Field(default=None, description="Cron schedule for continuous training.")
     caching: bool = Field(default=True, description="Reuse outputs of unchanged steps.")
     retries: int = Field(default=2, ge=0, le=10, description="Retries per failing step.")
-    timeout: Annotated[str, StringConstraints(max_length=16, pattern=r"^[0-9]+(s|m|h)$")] = Field(
-        default="2h", description="Deadline of the whole run."
+    timeout: Duration = Field(
+        default="2h", description="Deadline of the whole run (e.g. 90s, 30m, 1h30m)."
     )
 
 
@@ -409,7 +410,7 @@ class Attempt(ApiModel):
 class TrainingRunStatus(StatusBase):
     """Progress and results of the run."""
 
-    phase: Literal["", "Pending", "Queued", "Compiling", "Running", "Succeeded", "Failed"] = Field(
+    phase: Literal["", "Pending", "Queued", "Running", "Succeeded", "Failed"] = Field(
         default="", description="Summary of the run."
     )
     attempt: int = Field(default=0, ge=0, description="Current attempt number.")

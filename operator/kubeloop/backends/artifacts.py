@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from pathlib import Path
 
 from kubeloop.backends.kube import PVCS, KubeClient, NotFound
+from kubeloop.contract.artifact import digest
 from kubeloop.planning.model_version import ArtifactObservation
-
-
-def digest(path: Path) -> str:
-    """sha256 of a file; for a directory, of every file's relative path and digest."""
-    if path.is_file():
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    h = hashlib.sha256()
-    for child in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{child.relative_to(path).as_posix()}\0{digest(child)}\n".encode())
-    return h.hexdigest()
 
 
 def _observe_file(path: Path) -> ArtifactObservation:

@@ -39,6 +39,7 @@ from kubeloop.backends.executor import (
     Submission,
     run_display_name,
 )
+from kubeloop.contract.steps import step_of_task
 
 T = TypeVar("T")
 
@@ -101,12 +102,6 @@ def map_error(exc: BaseException, host: str, what: str) -> ExecutorError:
     return ExecutorError(f"{what}: {where}: {type(exc).__name__}: {exc}", False)
 
 
-def step_of(display_name: str) -> str:
-    """The step a task ran: the first word of its display name, lower-cased."""
-    words = display_name.split()
-    return words[0].lower() if words else ""
-
-
 def _failed_task(run: Any) -> Any | None:
     """The failed task of a run that is a step's container (not a DAG), earliest first."""
     details = getattr(run, "run_details", None)
@@ -143,7 +138,7 @@ def describe(run: Any) -> RunObservation:
     display = str(getattr(task, "display_name", "") or "")
     task_error = str(getattr(getattr(task, "error", None), "message", "") or "")
     message = f"task {display!r} failed: {task_error or run_error or 'no error message'}"
-    return RunObservation("Failed", run_id, message, failed_step=step_of(display))
+    return RunObservation("Failed", run_id, message, failed_step=step_of_task(display))
 
 
 class KfpExecutor:

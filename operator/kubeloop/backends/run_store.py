@@ -16,10 +16,10 @@ from typing import Any
 import fsspec
 
 from kubeloop.backends.executor import ExecutorError
+from kubeloop.contract.steps import EVALUATION_FILE, MANIFEST_FILE, MODEL_DIR, STEPS_DIR
 
-STEPS_DIR = "steps"
 LISTED_FOLDERS = ("reports", "plots")
-TOP_FILES = ("metrics.json", "evaluation.json")
+TOP_FILES = ("metrics.json", EVALUATION_FILE)
 
 
 class RunStore:
@@ -74,8 +74,8 @@ class RunStore:
     def artifacts(self) -> dict[str, str]:
         """URIs a person opens: the model, metrics, evaluation, the reports and plots."""
         found: dict[str, str] = {}
-        if self.exists("model"):
-            found["model"] = f"{self.uri}/model"
+        if self.exists(MODEL_DIR):
+            found["model"] = f"{self.uri}/{MODEL_DIR}"
         for name in TOP_FILES:
             if self.exists(name):
                 found[name.removesuffix(".json")] = f"{self.uri}/{name}"
@@ -84,3 +84,12 @@ class RunStore:
                 stem = name.rsplit(".", 1)[0]
                 found[f"{folder[:-1]}:{stem}"] = f"{self.uri}/{folder}/{name}"
         return found
+
+    def snapshot(self, *, finished: bool) -> dict[str, Any]:
+        """What the operator reads of an attempt each pass: the step records and artifacts,
+        and once the run finished, the evaluation and whether the manifest was written."""
+        seen: dict[str, Any] = {"steps": self.steps(), "artifacts": self.artifacts()}
+        if finished:
+            seen["evaluation"] = self.read_json(EVALUATION_FILE)
+            seen["manifest"] = self.exists(MANIFEST_FILE)
+        return seen

@@ -23,9 +23,9 @@ from __future__ import annotations
 from typing import Any
 
 from kubeloop.api.model_deployment import ModelDeployment
-from kubeloop.backends.kube import Body, Kind, KubeClient
-from kubeloop.backends.serving import Placement, ServingState
+from kubeloop.backends.kube import Body, Kind, KubeClient, NotFound
 from kubeloop.planning.inference_service import build_inference_service, predictor_name
+from kubeloop.planning.placement import Placement, ServingState
 
 INFERENCE_SERVICES = Kind("serving.kserve.io", "v1beta1", "inferenceservices")
 
@@ -36,6 +36,13 @@ class KServeBackend:
     def __init__(self, kube: KubeClient, *, image: str) -> None:
         self.kube = kube
         self.image = image
+
+    async def observe(self, md: ModelDeployment, placement: Placement) -> ServingState:
+        try:
+            isvc = await self.kube.get(INFERENCE_SERVICES, md.metadata.namespace, md.name)
+        except NotFound:
+            return ServingState(stable_ready=False, canary_ready=False)
+        return serving_state(isvc, md, placement)
 
     async def apply(self, md: ModelDeployment, placement: Placement) -> ServingState:
         body = build_inference_service(md, placement, image=self.image)

@@ -27,7 +27,7 @@ import aiohttp
 
 from kubeloop.api.model_deployment import ModelDeployment
 from kubeloop.backends.scrape_targets import remove_targets, write_targets
-from kubeloop.backends.serving import Placement, Served, ServingState, runtime_options
+from kubeloop.planning.placement import Placement, Served, ServingState, runtime_options
 
 
 class LocalServingError(Exception):
@@ -89,6 +89,31 @@ class LocalServingBackend:
     @staticmethod
     def _key(md: ModelDeployment) -> str:
         return f"{md.namespace}--{md.name}"
+
+    async def observe(self, md: ModelDeployment, placement: Placement) -> ServingState:
+        ports, router = await asyncio.to_thread(self._running, md)
+        stable = ports.get(placement.stable.version)
+        stable_ready = stable is not None and await _ready(stable)
+        canary = ports.get(placement.canary.version) if placement.canary else None
+        canary_ready = canary is not None and await _ready(canary)
+        url = f"http://127.0.0.1:{router}/v2/models/{md.name}/infer" if router else ""
+        return ServingState(stable_ready, canary_ready, url, self._crashes(md, placement))
+
+    def _running(self, md: ModelDeployment) -> tuple[dict[str, int], int | None]:
+        """Ports of the servers (by version) and of the router that are alive now."""
+        folder = self._dir(md)
+        ports: dict[str, int] = {}
+        for state in (folder / "servers").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                known = json.loads(state.read_text())
+                if _alive(known["pid"], f"--model-version {state.stem}"):
+                    ports[state.stem] = int(known["port"])
+        router: int | None = None
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            known = json.loads((folder / "router.json").read_text())
+            if _alive(known["pid"], str(folder / "weights.json")):
+                router = int(known["port"])
+        return ports, router
 
     async def apply(self, md: ModelDeployment, placement: Placement) -> ServingState:
         ports = await asyncio.to_thread(self._ensure_servers, md, placement)

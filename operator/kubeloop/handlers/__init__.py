@@ -1,6 +1,7 @@
-"""kopf handlers: thin. Parse the body at the edge, observe, call planning, apply, write
-status once. Importing this package registers every handler."""
+"""kopf handlers: thin. Parse the body at the edge, observe, plan once, apply once, write status
+once (``daemon.py`` is the loop every daemon runs). Importing this package registers every
+handler."""
 
-from kubeloop.handlers import model_deployment, model_version, runtime, training_run
+from kubeloop.handlers import model_deployment, model_version, startup, training_run
 
-__all__ = ["model_deployment", "model_version", "runtime", "training_run"]
+__all__ = ["model_deployment", "model_version", "startup", "training_run"]

@@ -1,8 +1,11 @@
-"""One adapter from failures to kopf's retry semantics, and the edge parser.
+"""One mapping from failures to what happens next, for every handler and daemon.
 
-- API 404/409/429/5xx, connection errors, timeouts  → kopf.TemporaryError with backoff
-- a spec the models reject (pydantic)                → Ready=False InvalidSpec + PermanentError
-- anything else                                      → re-raised with its traceback
+- API 404/409/429/5xx, connection errors, timeouts, an executor or Prometheus that is
+  unavailable → retry with backoff (``kopf.TemporaryError`` in ``on.*`` handlers)
+- a spec the models reject (pydantic), or ``InvalidSpec`` → Ready=False with the field named,
+  a Warning Event, no retry (``kopf.PermanentError``)
+- other API errors (403, 422, …), an executor that refuses → failed, no retry
+- anything else → re-raised with its traceback (daemons log it and back off)
 """
 
 from __future__ import annotations
@@ -11,21 +14,27 @@ import datetime as dt
 import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import aiohttp
 import kopf
 import pydantic
 
 from kubeloop import reasons
-from kubeloop.api.base import Condition, Resource
+from kubeloop.api.base import Condition
+from kubeloop.backends.executor import ExecutorError
 from kubeloop.backends.kube import ApiError
+from kubeloop.backends.prometheus import PrometheusUnavailable
 from kubeloop.handlers import events
-from kubeloop.handlers.runtime import RECONCILE_SECONDS, RECONCILES
+from kubeloop.handlers.metrics import RECONCILE_SECONDS, RECONCILES
 from kubeloop.planning.conditions import set_condition
 
-R = TypeVar("R", bound=Resource)
 Handler = Callable[..., Awaitable[Any]]
+Result = Literal["invalid", "retry", "failed", "error"]
+BACKOFF_BASE_S = 2.0
+BACKOFF_CAP_S = 120.0
+INVALID_RECHECK_S = 30.0  # a daemon whose spec cannot be parsed looks again this often
 
 
 class InvalidSpec(Exception):
@@ -37,13 +46,22 @@ class InvalidSpec(Exception):
         self.reason = reason
 
 
-def backoff(retry: int, base: float = 2.0, cap: float = 120.0) -> float:
+def backoff(retry: int, base: float = BACKOFF_BASE_S, cap: float = BACKOFF_CAP_S) -> float:
+    """Seconds before retry number ``retry`` (0 for the first): 2, 4, 8, … up to 120."""
     return float(min(cap, base * 2 ** max(retry, 0)))
 
 
-def parse(model: type[R], body: Mapping[str, Any]) -> R:
-    """The request body becomes a model at the edge, before any logic runs."""
-    return model.model_validate(dict(body))
+@dataclass(frozen=True)
+class Failure:
+    """What a failure means: ``result`` for the metrics, a reason and message for humans."""
+
+    result: Result
+    reason: str
+    message: str
+
+    @property
+    def retryable(self) -> bool:
+        return self.result in ("retry", "error")
 
 
 def describe_validation_error(error: pydantic.ValidationError) -> tuple[str, str]:
@@ -54,7 +72,30 @@ def describe_validation_error(error: pydantic.ValidationError) -> tuple[str, str
     return field, f"{field}: {first['msg']} (got {shown[:200]})"
 
 
-def _fail_ready(body: Mapping[str, Any], patch: kopf.Patch, reason: str, message: str) -> None:
+def classify(exc: BaseException) -> Failure:
+    """The one table of which errors retry and which do not."""
+    if isinstance(exc, pydantic.ValidationError):
+        return Failure("invalid", reasons.INVALID_SPEC, describe_validation_error(exc)[1])
+    if isinstance(exc, InvalidSpec):
+        return Failure("invalid", exc.reason, str(exc))
+    if isinstance(exc, ApiError):
+        return Failure("retry" if exc.retryable else "failed", reasons.API_UNAVAILABLE, str(exc))
+    if isinstance(exc, TimeoutError | aiohttp.ClientError):
+        return Failure("retry", reasons.API_UNAVAILABLE, f"API unreachable: {exc!r}")
+    if isinstance(exc, ExecutorError):
+        reason = reasons.EXECUTOR_UNAVAILABLE if exc.temporary else reasons.EXECUTOR_REJECTED
+        return Failure("retry" if exc.temporary else "failed", reason, exc.message)
+    if isinstance(exc, PrometheusUnavailable):
+        return Failure("retry", reasons.PROMETHEUS_UNAVAILABLE, str(exc))
+    if isinstance(exc, kopf.TemporaryError):
+        return Failure("retry", reasons.RECONCILE_FAILED, str(exc))
+    if isinstance(exc, kopf.PermanentError):
+        return Failure("failed", reasons.RECONCILE_FAILED, str(exc))
+    return Failure("error", reasons.RECONCILE_FAILED, f"{type(exc).__name__}: {exc}")
+
+
+def fail_ready(body: Mapping[str, Any], patch: kopf.Patch, reason: str, message: str) -> None:
+    """Ready=False and Degraded=True with ``reason``, into a kopf patch."""
     meta = body.get("metadata", {})
     generation = int(meta.get("generation", 0))
     existing = [
@@ -73,7 +114,7 @@ def _fail_ready(body: Mapping[str, Any], patch: kopf.Patch, reason: str, message
 
 
 def reconciler(kind: str) -> Callable[[Handler], Handler]:
-    """Wrap a handler with error mapping and the operator's reconcile metrics."""
+    """Wrap an ``on.*`` handler with the error mapping and the reconcile metrics."""
 
     def wrap(fn: Handler) -> Handler:
         @functools.wraps(fn)
@@ -85,34 +126,19 @@ def reconciler(kind: str) -> Callable[[Handler], Handler]:
                 value = await fn(**kwargs)
                 result = "success"
                 return value
-            except pydantic.ValidationError as exc:
-                result = "invalid"
-                _field, message = describe_validation_error(exc)
-                _fail_ready(body, patch, reasons.INVALID_SPEC, message)
-                events.post(body, "Warning", reasons.INVALID_SPEC, message)
-                raise kopf.PermanentError(message) from exc
-            except InvalidSpec as exc:
-                result = "invalid"
-                _fail_ready(body, patch, exc.reason, str(exc))
-                events.post(body, "Warning", exc.reason, str(exc))
-                raise kopf.PermanentError(str(exc)) from exc
-            except ApiError as exc:
-                if not exc.retryable:
-                    result = "failed"
-                    raise kopf.PermanentError(str(exc)) from exc
-                result = "retry"
-                raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                result = "retry"
-                raise kopf.TemporaryError(
-                    f"API unreachable: {exc!r}", delay=backoff(retry)
-                ) from exc
-            except kopf.TemporaryError:
-                result = "retry"
-                raise
-            except kopf.PermanentError:
-                result = "failed"
-                raise
+            except Exception as exc:
+                failure = classify(exc)
+                result = failure.result
+                if failure.result == "error":
+                    raise
+                if failure.result == "invalid":
+                    fail_ready(body, patch, failure.reason, failure.message)
+                    events.post(body, "Warning", failure.reason, failure.message)
+                if isinstance(exc, kopf.TemporaryError | kopf.PermanentError):
+                    raise
+                if failure.result == "retry":
+                    raise kopf.TemporaryError(failure.message, delay=backoff(retry)) from exc
+                raise kopf.PermanentError(failure.message) from exc
             finally:
                 RECONCILES.labels(kind, result).inc()
                 RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)

@@ -4,7 +4,7 @@ model, keeps the per-model index ConfigMap, becomes Ready."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import kopf
@@ -13,27 +13,21 @@ from kubeloop import GROUP, VERSION, reasons
 from kubeloop.api.model_version import ModelVersion
 from kubeloop.backends import artifacts
 from kubeloop.backends.kube import MODEL_VERSIONS, Conflict, KubeClient
+from kubeloop.backends.registry import ModelKey, index_versions
 from kubeloop.handlers import events
-from kubeloop.handlers.errors import parse, reconciler
-from kubeloop.handlers.runtime import Runtime, runtime
+from kubeloop.handlers.errors import reconciler
+from kubeloop.handlers.startup import Context, context
 from kubeloop.planning import model_version as plan
 from kubeloop.planning.model_version import VersionEntry
 
-ModelKey = tuple[str, str]  # (namespace, model name)
+Index = kopf.Index[ModelKey, ModelVersion]
 
 
 @kopf.index(GROUP, VERSION, "modelversions")
-def versions_by_model(body: kopf.Body, **_: Any) -> dict[ModelKey, VersionEntry]:
-    """Every version of every model, kept current from the watch stream (no LIST calls)."""
-    key = (body["metadata"]["namespace"], body.get("spec", {}).get("modelName", ""))
-    return {key: VersionEntry.from_body(body)}
-
-
-def _entries(index: kopf.Index[ModelKey, VersionEntry]) -> Any:
-    def entries(namespace: str, model: str) -> Iterable[VersionEntry]:
-        return list(index.get((namespace, model), []))
-
-    return entries
+def versions_by_model(body: kopf.Body, **_: Any) -> dict[ModelKey, ModelVersion]:
+    """Every version of every model, kept current from the watch stream (no LIST calls);
+    the other kinds read the registry through it (``backends/registry.py``)."""
+    return index_versions(body)
 
 
 async def _take_aliases(
@@ -61,7 +55,7 @@ async def _fresh_siblings(kube: KubeClient, namespace: str, model: str) -> list[
 
 
 async def _claim_aliases(
-    rt: Runtime, mv: ModelVersion, index: kopf.Index[ModelKey, VersionEntry], attempts: int = 5
+    ctx: Context, mv: ModelVersion, index: Index, attempts: int = 5
 ) -> tuple[ModelVersion, list[str]]:
     """Take the aliases ``mv`` claims from their previous holders.
 
@@ -71,21 +65,21 @@ async def _claim_aliases(
     fresh reads instead of failing the handler. Returns the fresh claimant and Event messages.
     """
     key = (mv.namespace, mv.spec.model_name)
-    siblings: list[VersionEntry] = list(index.get(key, []))
-    async with rt.lock(*key):
+    siblings = [VersionEntry.from_version(v) for v in index.get(key, [])]
+    async with ctx.lock(*key):
         for _ in range(attempts):
-            mv = parse(ModelVersion, await rt.kube.get(MODEL_VERSIONS, mv.namespace, mv.name))
+            mv = ModelVersion.parse(await ctx.kube.get(MODEL_VERSIONS, mv.namespace, mv.name))
             holders = {e.name: e for e in siblings}
             messages = []
             try:
                 for name, lost in plan.alias_removals(mv, siblings).items():
-                    await _take_aliases(rt.kube, mv.namespace, holders[name], lost)
+                    await _take_aliases(ctx.kube, mv.namespace, holders[name], lost)
                     messages.append(
                         f"{', '.join(lost)} of {mv.spec.model_name} moved from {name} to {mv.name}"
                     )
                 return mv, messages
             except Conflict:
-                siblings = await _fresh_siblings(rt.kube, *key)
+                siblings = await _fresh_siblings(ctx.kube, *key)
     raise kopf.TemporaryError(f"aliases of {mv.spec.model_name} kept changing", delay=1)
 
 
@@ -97,33 +91,32 @@ async def reconcile_model_version(
     body: kopf.Body,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    versions_by_model: kopf.Index[ModelKey, VersionEntry],
+    versions_by_model: Index,
     **_: Any,
 ) -> None:
-    mv = parse(ModelVersion, body)
-    rt = runtime(memo)
-    rt.index_writer.entries = _entries(versions_by_model)
+    mv = ModelVersion.parse(body)
+    ctx = context(memo)
     ns = mv.namespace
     policy = plan.artifact_policy_problem(
         mv.spec.artifact.uri,
         ns,
-        artifact_root=str(rt.settings.artifact_root),
-        object_store_prefix=rt.settings.object_store_prefix,
+        artifact_root=str(ctx.settings.artifact_root),
+        object_store_prefix=ctx.settings.object_store_prefix,
     )
     observed = plan.ArtifactObservation()
     if policy is None:
         observed = await artifacts.observe(
-            mv.spec.artifact.uri, ns, rt.kube, verify_local=rt.settings.verify_local_artifacts
+            mv.spec.artifact.uri, ns, ctx.kube, verify_local=ctx.settings.verify_local_artifacts
         )
     moved: list[str] = []
     if mv.spec.aliases and policy is None and plan.identity_problem(mv) is None:
-        mv, moved = await _claim_aliases(rt, mv, versions_by_model)
+        mv, moved = await _claim_aliases(ctx, mv, versions_by_model)
     result = plan.plan_model_version(
         mv, policy=policy, artifact=observed, now=dt.datetime.now(dt.UTC)
     )
     if result.problem is None:
         result.events += [("Normal", reasons.ALIAS_MOVED, m) for m in moved]
-    rt.index_writer.schedule(ns, mv.spec.model_name)
+    ctx.index_writer.schedule(ns, mv.spec.model_name, versions_by_model)
 
     patch.status.update(result.status.model_dump(by_alias=True, mode="json"))
     for type_, reason, message in result.events:
@@ -138,6 +131,6 @@ async def reconcile_model_version(
 async def forget_model_version(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     """Drop a deleted version from its model's index (no finalizer needed: the index is
     derived state and garbage collection removes it with the last version)."""
-    rt = runtime(memo)
-    rt.index_writer.entries = _entries(kwargs["versions_by_model"])
-    rt.index_writer.schedule(body["metadata"]["namespace"], body["spec"]["modelName"])
+    ctx = context(memo)
+    namespace, model = body["metadata"]["namespace"], body["spec"]["modelName"]
+    ctx.index_writer.schedule(namespace, model, kwargs["versions_by_model"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,22 +20,10 @@ from kubeloop.api.model_deployment import (
     RolloutRecord,
     VersionWeight,
 )
-from kubeloop.planning.conditions import rfc3339, set_condition
+from kubeloop.contract.durations import parse_rfc3339, rfc3339, seconds
+from kubeloop.planning.conditions import set_condition
 
 HISTORY_LIMIT = 20
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def seconds(duration: str) -> float:
-    """'1m30s' → 90.0 (the CRD pattern guarantees the format)."""
-    return sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(duration))
-
-
-def parse_time(value: str) -> dt.datetime | None:
-    if not value:
-        return None
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -69,8 +56,27 @@ class Decision:
     analyse: bool = False  # the handler should measure, then call again with measurements
     requeue_after: float = 1.0
     events: list[tuple[str, str, str]] = field(default_factory=list)
-    promoted: str | None = None  # a version that just became stable (moves `production`)
+    promoted: str | None = None  # a version that just became stable (claims the promote alias)
     reset_manual_action: bool = False
+
+
+def analysis_due(
+    spec: ModelDeploymentSpec,
+    status: ModelDeploymentStatus,
+    target: str | None,
+    *,
+    canary_ready: bool,
+    now: dt.datetime,
+) -> bool:
+    """Whether this pass judges the canary's step, so the handler measures before it plans
+    (the same conditions under which :func:`plan_rollout` concludes a step)."""
+    canary = status.canary.model_version
+    if canary is None or canary != target or status.stable.model_version in (None, target):
+        return False
+    if spec.paused or spec.manual_action != "none" or not canary_ready:
+        return False
+    started = parse_rfc3339(status.step_started_at) or now
+    return (now - started).total_seconds() >= seconds(spec.rollout.interval)
 
 
 def psi(expected: Mapping[str, float], actual: Mapping[str, float]) -> float | None:
@@ -285,7 +291,7 @@ class _Rollout:
         weight = spec.rollout.steps[step]
         if spec.manual_action == "promote":
             return self.promote(canary, "manualAction: promote")
-        started_rollout = parse_time(st.rollout_started_at) or self.now
+        started_rollout = parse_rfc3339(st.rollout_started_at) or self.now
         if (self.now - started_rollout).total_seconds() > seconds(spec.rollout.max_duration):
             return self.rollback(
                 canary, f"not promoted within maxDuration {spec.rollout.max_duration}"
@@ -295,7 +301,7 @@ class _Rollout:
         if not canary_ready:
             st.step_started_at = self.stamp  # the analysis window starts once it serves
             return self.finish("Progressing", weight=weight, canary=canary)
-        started = parse_time(st.step_started_at) or self.now
+        started = parse_rfc3339(st.step_started_at) or self.now
         due = self.interval - (self.now - started).total_seconds()
         if due > 0:
             return self.finish("Progressing", weight=weight, canary=canary, requeue=due)

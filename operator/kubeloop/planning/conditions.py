@@ -6,17 +6,9 @@ import datetime as dt
 from typing import Literal
 
 from kubeloop.api.base import Condition
+from kubeloop.contract.durations import rfc3339
 
 Status = Literal["True", "False", "Unknown"]
-
-
-def rfc3339(now: dt.datetime) -> str:
-    return now.astimezone(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(text: str) -> dt.datetime:
-    """The inverse of :func:`rfc3339` (``2026-11-26T12:00:00Z``), timezone-aware."""
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
 def set_condition(

@@ -55,8 +55,9 @@ from typing import Any
 from kubeloop import API_VERSION
 from kubeloop.api.common import ComputeResources, Toleration
 from kubeloop.api.model_deployment import ModelDeployment, Serving
-from kubeloop.backends.serving import Placement, Served, runtime_options
+from kubeloop.contract.labels import KUEUE_QUEUE_LABEL
 from kubeloop.planning.naming import child_name
+from kubeloop.planning.placement import Placement, Served, runtime_options
 
 KSERVE_API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
@@ -72,7 +73,6 @@ KNATIVE_HPA_CLASS = "hpa.autoscaling.knative.dev"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MODEL_DEPLOYMENT_LABEL = "kubeloop.dev/model-deployment"
 MODEL_VERSION_LABEL = "kubeloop.dev/model-version"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 # Schemes KServe's storage initializer downloads from (a pod cannot read the operator's disk).
 CLUSTER_SCHEMES = frozenset({"s3", "gs", "pvc", "https", "http", "hdfs", "webhdfs", "hf", "oci"})
@@ -296,7 +296,7 @@ def _labels(md: ModelDeployment) -> dict[str, str]:
     labels = {MANAGED_BY: "kubeloop", MODEL_DEPLOYMENT_LABEL: md.metadata.name}
     queue = md.spec.serving.resources.queue_name
     if queue:
-        labels[QUEUE_LABEL] = queue
+        labels[KUEUE_QUEUE_LABEL] = queue
     return labels
 
 

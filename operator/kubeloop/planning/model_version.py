@@ -35,6 +35,20 @@ class VersionEntry:
     deleting: bool = False
 
     @classmethod
+    def from_version(cls, mv: ModelVersion) -> VersionEntry:
+        meta = mv.metadata
+        return cls(
+            name=meta.name,
+            uid=meta.uid,
+            resource_version=meta.resource_version,
+            version=mv.spec.version,
+            uri=mv.spec.artifact.uri,
+            aliases=tuple(mv.spec.aliases),
+            metrics=tuple(sorted(mv.spec.metrics.items())),
+            deleting=bool(meta.deletion_timestamp),
+        )
+
+    @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> VersionEntry:
         meta, spec = body["metadata"], body.get("spec", {})
         return cls(

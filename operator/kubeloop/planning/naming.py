@@ -20,3 +20,20 @@ def child_name(*parts: str, max_length: int = MAX_NAME) -> str:
 def registry_index_name(model_name: str) -> str:
     """ConfigMap that indexes every version and alias of one registered model."""
     return child_name("kubeloop-registry", model_name)
+
+
+def run_key(name: str, uid: str) -> str:
+    """A TrainingRun's name in executors and artifact paths: name plus a piece of the uid, so a
+    TrainingRun deleted and created again under the same name never sees the old runs."""
+    short = uid.replace("-", "")[:8]
+    return f"{name}-{short}" if short else name
+
+
+def run_uri(
+    namespace: str, key: str, attempt: int, *, artifact_root: str, object_store_prefix: str
+) -> str:
+    """An attempt's run directory, under the tenant's artifact prefix."""
+    where = f"{namespace}/{key}/attempt-{attempt}"
+    if object_store_prefix:
+        return f"{object_store_prefix.rstrip('/')}/{where}"
+    return f"file://{artifact_root}/{where}"

@@ -18,6 +18,8 @@ from datetime import timedelta
 
 import promql_parser as pp
 
+from kubeloop.contract import serving_metrics as metrics
+
 NAMESPACE_LABEL = "namespace"
 
 _IDENT_START = frozenset(string.ascii_letters + "_")
@@ -102,18 +104,21 @@ def builtin_queries(namespace: str, model: str, version: str, window: str) -> di
         raise InvalidQuery(
             f"analysis window {window!r} is not a PromQL duration (e.g. 30s, 5m, 1h): {exc}"
         ) from exc
-    sel = f"model={quote_label_value(model)},version={quote_label_value(version)}"
-    requests = f"kubeloop_requests_total{{{sel}}}[{window}]"
-    errors = f'kubeloop_requests_total{{{sel},code=~"5.."}}[{window}]'
-    buckets = f"kubeloop_request_duration_seconds_bucket{{{sel}}}[{window}]"
-    predictions = f"kubeloop_prediction_bucket_total{{{sel}}}[{window}]"
+    sel = (
+        f"{metrics.MODEL_LABEL}={quote_label_value(model)},"
+        f"{metrics.VERSION_LABEL}={quote_label_value(version)}"
+    )
+    requests = f"{metrics.total(metrics.REQUESTS)}{{{sel}}}[{window}]"
+    errors = f'{metrics.total(metrics.REQUESTS)}{{{sel},{metrics.CODE_LABEL}=~"5.."}}[{window}]'
+    buckets = f"{metrics.REQUEST_DURATION}_bucket{{{sel}}}[{window}]"  # the histogram's buckets
+    predictions = f"{metrics.total(metrics.PREDICTION_BUCKETS)}{{{sel}}}[{window}]"
     queries = {
         # `or vector(0)`: a healthy version has no 5xx series at all, which is a 0% error rate,
         # not an empty (inconclusive) result.
         "error_rate": f"(sum(rate({errors})) or vector(0)) / sum(rate({requests}))",
         "p99_latency_ms": f"1000 * histogram_quantile(0.99, sum by (le) (rate({buckets})))",
         "requests": f"sum(increase({requests}))",
-        "prediction_fractions": f"sum by (bucket) (increase({predictions}))",
+        "prediction_fractions": f"sum by ({metrics.BUCKET_LABEL}) (increase({predictions}))",
     }
     return {name: scope_query(q, namespace) for name, q in queries.items()}
 

@@ -20,11 +20,13 @@ from croniter import croniter
 
 from kubeloop import reasons
 from kubeloop.api.training_run import Attempt, TrainingRunSpec, TrainingRunStatus, Trials
-from kubeloop.planning.conditions import parse_rfc3339, rfc3339, set_condition
-from kubeloop_pipelines.contract import STEPS
+from kubeloop.contract.durations import parse_rfc3339, rfc3339, seconds
+from kubeloop.contract.evaluation import METRICS_BY_TASK
+from kubeloop.contract.steps import STEPS
+from kubeloop.planning.conditions import set_condition
 
 RunState = Literal["Pending", "Running", "Succeeded", "Failed", "Unknown"]
-ACTIVE = ("Pending", "Queued", "Compiling", "Running")
+ACTIVE = ("Pending", "Queued", "Running")
 TERMINAL = ("Succeeded", "Failed")
 HISTORY_LIMIT = 20
 POLL_RUNNING_S = 2.0
@@ -72,15 +74,6 @@ class Decision:
     requeue_after: float = POLL_RUNNING_S
 
 
-METRICS_BY_TASK = {
-    "classification": (
-        "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "minority_recall",
-        "latency_ms", "size_mb",
-    ),
-    "regression": ("mse", "rmse", "mae", "r2", "latency_ms", "size_mb"),
-}  # fmt: skip
-
-
 def spec_problem(spec: TrainingRunSpec) -> str:
     """What makes the spec impossible to run, found before any pipeline starts ('' if none):
     a gate or a tuning objective on a metric the task does not produce."""
@@ -115,11 +108,25 @@ def needs_new_attempt(spec: TrainingRunSpec, status: TrainingRunStatus, obs: Obs
 
 def next_scheduled(schedule: str, status: TrainingRunStatus) -> dt.datetime | None:
     """When the cron schedule next fires after the current attempt started."""
-    base_text = status.last_scheduled_at or status.started_at
-    if not base_text:
+    base = parse_rfc3339(status.last_scheduled_at or status.started_at)
+    if base is None:
         return None
-    nxt: dt.datetime = croniter(schedule, parse_rfc3339(base_text)).get_next(dt.datetime)
+    nxt: dt.datetime = croniter(schedule, base).get_next(dt.datetime)
     return nxt if nxt.tzinfo else nxt.replace(tzinfo=dt.UTC)
+
+
+def is_idle(
+    spec: TrainingRunSpec, status: TrainingRunStatus, generation: int, now: dt.datetime
+) -> bool:
+    """Nothing to do until the spec changes or the schedule fires."""
+    if status.attempt == 0 or status.observed_generation != generation:
+        return False
+    if status.phase not in TERMINAL:
+        return False
+    if spec.schedule:
+        due = next_scheduled(spec.schedule, status)
+        return due is None or now < due
+    return True
 
 
 def _start_attempt(
@@ -362,16 +369,16 @@ def _plan_admission(
 
 def timeout_seconds(spec: TrainingRunSpec) -> float:
     """``spec.timeout`` (``90s``, ``30m``, ``2h``) in seconds."""
-    unit = {"s": 1, "m": 60, "h": 3600}[spec.timeout[-1]]
-    return float(spec.timeout[:-1]) * unit
+    return seconds(spec.timeout)
 
 
 def _overdue(spec: TrainingRunSpec, status: TrainingRunStatus, now: dt.datetime) -> str:
     """Why the attempt ran past ``spec.timeout`` ('' while within it)."""
-    if not status.started_at:
+    started = parse_rfc3339(status.started_at)
+    if started is None:
         return ""
     limit = dt.timedelta(seconds=timeout_seconds(spec))
-    if now - parse_rfc3339(status.started_at) <= limit:
+    if now - started <= limit:
         return ""
     return (
         f"attempt {status.attempt} ran longer than spec.timeout={spec.timeout} "

@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import kserve  # type: ignore[import-untyped]
 
     from kubeloop.serving.artifact import ArtifactError
-    from kubeloop.serving.runtime import KubeloopModel
+    from kubeloop.serving.model_server import KubeloopModel
 
     model = KubeloopModel(
         args.model_name,

@@ -1,12 +1,15 @@
-"""The model artifact the serving runtime loads: one directory, two files.
+"""The model artifact the model server loads: one directory, two files.
 
 - ``model.pt2``: a ``torch.export`` ExportedProgram whose batch dimension is dynamic.
 - ``model.json``: what the program alone does not say — the task, feature names, class labels,
   the standard scaling applied before the model (so serving applies the training transforms) and
   the reference distributions (quantile buckets) that drift detection compares traffic with.
 
-The training pipeline writes artifacts with :func:`save_model`; the runtime reads them with
-:func:`load_model`. Both live here so the format has one definition.
+The training pipeline writes artifacts with :func:`save_model`; the model server reads them with
+:func:`load_model`. Both live here, beside the torch they need; what other sides agree on
+without torch is in :mod:`kubeloop.contract`: the file names, ``format`` and tasks
+(:mod:`kubeloop.contract.artifact`) and the reference distributions in ``model.json`` with
+their bucket rule (:mod:`kubeloop.contract.reference`).
 """
 
 from __future__ import annotations
@@ -22,11 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-FORMAT = "torch-export"
-PROGRAM_FILE = "model.pt2"
-METADATA_FILE = "model.json"
-TASKS = ("classification", "regression")
-REFERENCE_BUCKETS = 10
+from kubeloop.contract.artifact import FORMAT, METADATA_FILE, PROGRAM_FILE, TASKS
 
 Task = Literal["classification", "regression"]
 FloatArray = npt.NDArray[np.float32]
@@ -34,67 +33,6 @@ FloatArray = npt.NDArray[np.float32]
 
 class ArtifactError(Exception):
     """The artifact directory cannot be saved or loaded; the message says which file and why."""
-
-
-def bucket_index(
-    edges: Sequence[float] | npt.NDArray[np.float64], values: npt.ArrayLike
-) -> npt.NDArray[np.intp]:
-    """The reference bucket of each value: ``edges`` are ascending bucket boundaries (first = the
-    training minimum, last = the maximum); values outside fall into the first or last bucket."""
-    edges_arr = np.asarray(edges, dtype=np.float64)
-    n_buckets = max(len(edges_arr) - 1, 1)
-    idx = np.searchsorted(edges_arr, np.asarray(values, dtype=np.float64), side="right") - 1
-    return np.asarray(np.clip(idx, 0, n_buckets - 1), dtype=np.intp)
-
-
-def prediction_score(task: str, output: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """One number per row to bucket: the positive-class probability for binary classification,
-    the top-class probability for more classes, the value itself for regression."""
-    arr = np.asarray(output, dtype=np.float64)
-    if arr.ndim == 1:
-        return arr
-    if task == "classification" and arr.shape[1] == 2:
-        return arr[:, 1]
-    if task == "classification":
-        return np.asarray(arr.max(axis=1))
-    return arr.reshape(len(arr), -1)[:, 0]
-
-
-def _quantile_reference(values: npt.NDArray[np.float64]) -> dict[str, list[float]]:
-    quantiles = np.quantile(values, np.linspace(0.0, 1.0, REFERENCE_BUCKETS + 1))
-    edges = np.unique(quantiles)  # discrete features repeat quantiles: merge their buckets
-    if len(edges) == 1:
-        edges = np.array([edges[0], edges[0]])
-    counts = np.bincount(bucket_index(edges, values), minlength=len(edges) - 1)
-    fractions = counts / max(len(values), 1)
-    return {
-        "edges": [float(e) for e in edges],
-        "fractions": [float(f) for f in fractions],
-    }
-
-
-def reference_from_data(
-    x: npt.ArrayLike, features: Sequence[str], predictions: npt.ArrayLike, *, task: str = ""
-) -> dict[str, Any]:
-    """Reference distributions from the training data: 10 quantile buckets per feature (of the
-    raw, unscaled values the clients send) and for the prediction score.
-
-    ``predictions`` are either scores (one per row) or the model's outputs (probabilities per
-    class, shape (n, n_classes)); see :func:`prediction_score`.
-    """
-    data = np.asarray(x, dtype=np.float64)
-    if data.ndim != 2 or data.shape[1] != len(features):
-        raise ValueError(
-            f"x has shape {data.shape}; expected (n, {len(features)}) for features {list(features)}"
-        )
-    preds = np.asarray(predictions, dtype=np.float64)
-    scores = prediction_score(task or ("classification" if preds.ndim == 2 else ""), preds)
-    if len(scores) != len(data):
-        raise ValueError(f"predictions has {len(scores)} rows; x has {len(data)}")
-    return {
-        "features": {name: _quantile_reference(data[:, i]) for i, name in enumerate(features)},
-        "prediction": _quantile_reference(scores),
-    }
 
 
 def save_model(

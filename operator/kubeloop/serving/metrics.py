@@ -1,6 +1,7 @@
 """The runtime's Prometheus metrics, in prometheus_client's default registry (which kserve's
-``/metrics`` serves). Every series carries ``model`` (the deployment) and ``version`` (the
-ModelVersion), so a canary and its stable version are told apart by label.
+``/metrics`` serves). Their names and labels are :mod:`kubeloop.contract.serving_metrics`, which
+the operator's queries read too. Every series carries ``model`` (the deployment) and ``version``
+(the ModelVersion), so a canary and its stable version are told apart by label.
 
 kserve's own histograms have no outcome label; the canary analysis needs error rates, and the
 drift signals need traffic distributions, hence these.
@@ -14,29 +15,30 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import Counter, Histogram
 
-from kubeloop.serving.artifact import bucket_index, prediction_score
+from kubeloop.contract import serving_metrics as contract
+from kubeloop.contract.reference import bucket_index, prediction_score
 
 REQUESTS = Counter(
-    "kubeloop_requests",
+    contract.REQUESTS,
     "Prediction requests by HTTP-like status code (200, 400, 500).",
-    ["model", "version", "code"],
+    [contract.MODEL_LABEL, contract.VERSION_LABEL, contract.CODE_LABEL],
 )
 REQUEST_DURATION = Histogram(
-    "kubeloop_request_duration_seconds",
+    contract.REQUEST_DURATION,
     "Time to answer a prediction request, from parsed body to response.",
-    ["model", "version"],
+    [contract.MODEL_LABEL, contract.VERSION_LABEL],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 FEATURE_BUCKETS = Counter(
-    "kubeloop_feature_bucket",
+    contract.FEATURE_BUCKETS,
     "Request rows by feature and the reference (training) quantile bucket the raw value is in.",
-    ["model", "version", "feature", "bucket"],
+    [contract.MODEL_LABEL, contract.VERSION_LABEL, contract.FEATURE_LABEL, contract.BUCKET_LABEL],
 )
 PREDICTION_BUCKETS = Counter(
-    "kubeloop_prediction_bucket",
+    contract.PREDICTION_BUCKETS,
     "Predictions by the reference quantile bucket of their score (positive-class probability "
     "for binary classification, the value for regression).",
-    ["model", "version", "bucket"],
+    [contract.MODEL_LABEL, contract.VERSION_LABEL, contract.BUCKET_LABEL],
 )
 
 
@@ -46,10 +48,9 @@ class ServingMetrics:
 
     def __init__(self, model: str, version: str, *, task: str, reference: dict[str, Any]) -> None:
         self.model, self.version, self.task = model, version, task
-        self._duration = REQUEST_DURATION.labels(model=model, version=version)
+        self._duration = REQUEST_DURATION.labels(model, version)
         self._codes = {
-            code: REQUESTS.labels(model=model, version=version, code=code)
-            for code in ("200", "400", "500")
+            code: REQUESTS.labels(model, version, code) for code in ("200", "400", "500")
         }
         features: dict[str, Any] = reference.get("features") or {}
         # Edges of all features in one matrix, padded with +inf (never <= a value), so one
@@ -63,21 +64,19 @@ class ServingMetrics:
         self._offsets = np.concatenate([[0], np.cumsum(self._n_buckets)[:-1]]).astype(np.intp)
         # One flat list of counters: feature i's bucket b is at offsets[i] + b.
         self._feature_counters: list[Any] = [
-            FEATURE_BUCKETS.labels(model=model, version=version, feature=name, bucket=str(b))
+            FEATURE_BUCKETS.labels(model, version, name, str(b))
             for name, n in zip(features, self._n_buckets, strict=True)
             for b in range(int(n))
         ]
         prediction = reference.get("prediction") or {}
         self._prediction_edges = np.asarray(prediction.get("edges") or [], dtype=np.float64)
         self._prediction_counters = [
-            PREDICTION_BUCKETS.labels(model=model, version=version, bucket=str(b))
+            PREDICTION_BUCKETS.labels(model, version, str(b))
             for b in range(max(len(self._prediction_edges) - 1, 1))
         ]
 
     def request(self, code: str, seconds: float) -> None:
-        counter = self._codes.get(code) or REQUESTS.labels(
-            model=self.model, version=self.version, code=code
-        )
+        counter = self._codes.get(code) or REQUESTS.labels(self.model, self.version, code)
         counter.inc()
         self._duration.observe(seconds)
 

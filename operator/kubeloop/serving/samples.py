@@ -14,7 +14,9 @@ import numpy.typing as npt
 import torch
 from sklearn.datasets import load_breast_cancer
 
-from kubeloop.serving.artifact import METADATA_FILE, reference_from_data, save_model
+from kubeloop.contract.artifact import METADATA_FILE
+from kubeloop.contract.reference import reference_from_data
+from kubeloop.serving.artifact import save_model
 
 CLASSES = ["malignant", "benign"]
 

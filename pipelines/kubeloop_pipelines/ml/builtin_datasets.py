@@ -23,16 +23,12 @@ loss) recovers half to three quarters of the frauds at a similar ROC AUC (about 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from kubeloop.api.training_run import BUILTIN_DATASETS
-from kubeloop_pipelines.contract import StepError
-
-if TYPE_CHECKING:
-    from kubeloop_pipelines.ml.datasets import Modality
+from kubeloop_pipelines.contract import Modality, StepError
 
 BUILTIN_TARGETS: dict[str, str] = {
     "breast-cancer": "label",

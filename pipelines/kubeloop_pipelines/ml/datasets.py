@@ -15,10 +15,9 @@ import numpy as np
 import pandas as pd
 
 from kubeloop.api.training_run import DataSource, Split
-from kubeloop_pipelines.contract import SPLITS, StepError
+from kubeloop_pipelines.contract import SPLITS, Modality, StepError
 from kubeloop_pipelines.ml.builtin_datasets import BUILTIN_MODALITY, DIGITS_SHAPE, load_builtin
 
-Modality = Literal["tabular", "image", "text"]
 FeatureKind = Literal["numeric", "categorical", "text"]
 
 # A string column whose values average at least this many words is free text, not a category.

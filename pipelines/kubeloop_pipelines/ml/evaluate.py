@@ -36,14 +36,11 @@ import numpy.typing as npt
 from sklearn import metrics as skm
 
 from kubeloop.api.training_run import Gate
-from kubeloop.serving.artifact import PROGRAM_FILE, LoadedModel
+from kubeloop.contract.artifact import PROGRAM_FILE
+from kubeloop.contract.evaluation import METRICS_BY_TASK
+from kubeloop.serving.artifact import LoadedModel
 from kubeloop_pipelines.contract import StepError
 
-CLASSIFICATION_METRICS = (
-    "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "minority_recall",
-)  # fmt: skip
-REGRESSION_METRICS = ("mse", "rmse", "mae", "r2")
-SERVING_METRICS = ("latency_ms", "size_mb")
 SERVING_BATCH = 32
 POSITIVE = 1  # the positive class of binary tasks
 ROC_MAX_POINTS = 200
@@ -66,8 +63,7 @@ OPS = {
 
 def available_metrics(task: str) -> tuple[str, ...]:
     """The metrics evaluation produces for ``task`` (gates may use any of them)."""
-    own = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
-    return (*own, *SERVING_METRICS)
+    return METRICS_BY_TASK[task]
 
 
 # --- metrics -----------------------------------------------------------------------------

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
+from kubeloop.contract.evaluation import LOWER_IS_BETTER
 from kubeloop_pipelines.ml.evaluate import SERVING_BATCH, compute_metrics, median_latency_ms
 
 Serve = Callable[[nn.Module], nn.Module]
-LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "latency_ms", "size_mb"})
 PRUNABLE = (nn.Linear, nn.Conv2d)
 
 

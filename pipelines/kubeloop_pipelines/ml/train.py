@@ -36,7 +36,9 @@ from kubeloop.api.training_run import (
     ModelSpec,
     TrainingRunSpec,
 )
-from kubeloop.serving.artifact import reference_from_data, save_model
+from kubeloop.contract.evaluation import QUALITY_METRICS_BY_TASK
+from kubeloop.contract.reference import reference_from_data
+from kubeloop.serving.artifact import save_model
 from kubeloop_pipelines.contract import (
     ARCH_FILE,
     HISTORY_FILE,
@@ -46,11 +48,7 @@ from kubeloop_pipelines.contract import (
     read_json,
     write_json,
 )
-from kubeloop_pipelines.ml.evaluate import (
-    CLASSIFICATION_METRICS,
-    REGRESSION_METRICS,
-    compute_metrics,
-)
+from kubeloop_pipelines.ml.evaluate import compute_metrics
 from kubeloop_pipelines.ml.imbalance import FocalLoss, class_weights, resample
 from kubeloop_pipelines.ml.models import apply_params, arch_from, build_model
 
@@ -58,7 +56,6 @@ if TYPE_CHECKING:
     from kubeloop_pipelines.ml.preprocess import Prepared
 
 Task = Literal["classification", "regression"]
-LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae"})
 PREDICT_BATCH = 2048
 
 # torch's global RNG initialises the weights and drives dropout; trials in parallel threads
@@ -75,7 +72,7 @@ def default_metric(task: str) -> str:
 
 def check_metric(metric: str, task: str, *, field_name: str) -> None:
     """StepError naming ``field_name`` unless ``metric`` is a validation metric of ``task``."""
-    allowed = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+    allowed = QUALITY_METRICS_BY_TASK[task]
     if metric not in allowed:
         raise StepError(
             f"{field_name}={metric!r} does not apply to a {task} model; expected one of "
@@ -505,7 +502,7 @@ def predict(
 def history_metric(spec: TrainingRunSpec, task: str) -> str:
     """The validation metric recorded every epoch: the tuning objective, else the first gate
     on a validation metric of this task, else f1 (classification) / rmse (regression)."""
-    allowed = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+    allowed = QUALITY_METRICS_BY_TASK[task]
     if spec.tuning is not None and spec.tuning.objective.metric in allowed:
         return spec.tuning.objective.metric
     for gate in spec.evaluation.gates:

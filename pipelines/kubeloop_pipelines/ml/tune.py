@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from kubeloop.api.training_run import Imbalance, ModelSpec, SearchParameter, Tuning
+from kubeloop.contract.evaluation import LOWER_IS_BETTER
 from kubeloop_pipelines.contract import StepError
 from kubeloop_pipelines.ml.models import (
     TUNABLE_PARAMS,
@@ -51,7 +52,7 @@ from kubeloop_pipelines.ml.models import (
     param_key,
     parse_param,
 )
-from kubeloop_pipelines.ml.train import LOWER_IS_BETTER, check_metric
+from kubeloop_pipelines.ml.train import check_metric
 
 # The objective: hyperparameters → validation score. It calls ``report(epoch, value)`` after
 # every epoch; ``report`` raises ``optuna.TrialPruned`` when the pruner stops the trial.

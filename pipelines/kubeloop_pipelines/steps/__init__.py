@@ -1,7 +1,8 @@
 """One module per pipeline step. Each exposes ``run(spec, *, report, run_uri, <paths>)``
 returning a :class:`~kubeloop_pipelines.contract.StepResult`; the KFP components in
-``components.py`` parse the spec, create the :class:`~kubeloop_pipelines.progress.StepReport`
-and call it. Signatures (paths are ``pathlib.Path``)::
+``components.py`` call it through :func:`~kubeloop_pipelines.step_runner.run_step`, which parses
+the spec and creates the :class:`~kubeloop_pipelines.progress.StepReport`. Signatures (paths are
+``pathlib.Path``)::
 
     ingest.run(spec, *, report, run_uri, dataset_dir)
     preprocess.run(spec, *, report, run_uri, raw_dir, prepared_dir, report_html)

@@ -25,14 +25,9 @@ from typing import Any
 import numpy as np
 
 from kubeloop.api.training_run import TrainingRunSpec
+from kubeloop.contract.steps import EVALUATION_FILE
 from kubeloop.serving.artifact import ArtifactError, load_model
-from kubeloop_pipelines.contract import (
-    EVALUATION_FILE,
-    HISTORY_FILE,
-    StepError,
-    StepResult,
-    write_json,
-)
+from kubeloop_pipelines.contract import HISTORY_FILE, StepError, StepResult, write_json
 from kubeloop_pipelines.ml import evaluate as ev
 from kubeloop_pipelines.ml.preprocess import load_prepared
 from kubeloop_pipelines.progress import StepReport, publish

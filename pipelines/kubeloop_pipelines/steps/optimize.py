@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from kubeloop.api.training_run import TrainingRunSpec
-from kubeloop.serving.artifact import METADATA_FILE, PROGRAM_FILE, reference_from_data
+from kubeloop.contract.artifact import METADATA_FILE, PROGRAM_FILE
+from kubeloop.contract.evaluation import QUALITY_METRICS_BY_TASK
+from kubeloop.contract.reference import prediction_score, quantile_histogram
 from kubeloop_pipelines.contract import (
     ARCH_FILE,
     HISTORY_FILE,
@@ -44,16 +46,11 @@ from kubeloop_pipelines.progress import StepReport, publish
 
 REPORT = "reports/optimization.html"
 OPTIMIZATION_FILE = "optimization.json"
-OBJECTIVE_METRICS = {
-    "classification": ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc",
-                       "minority_recall"),
-    "regression": ("mse", "rmse", "mae", "r2"),
-}  # fmt: skip
 
 
 def objective_metric(spec: TrainingRunSpec, task: str) -> str:
     """The tuning objective when it is a quality metric of this task, else accuracy / r2."""
-    if spec.tuning is not None and spec.tuning.objective.metric in OBJECTIVE_METRICS[task]:
+    if spec.tuning is not None and spec.tuning.objective.metric in QUALITY_METRICS_BY_TASK[task]:
         return spec.tuning.objective.metric
     return "accuracy" if task == "classification" else "r2"
 
@@ -148,10 +145,8 @@ def _refresh_prediction_reference(
     with torch.inference_mode():
         out = chosen.program.module()(torch.from_numpy(rows))
         out = torch.softmax(out, dim=1) if meta["task"] == "classification" else out.reshape(-1)
-    scores = np.nan_to_num(out.numpy().astype(np.float64))
-    reference = reference_from_data(scores.reshape(len(scores), -1)[:, :1], ["score"], scores,
-                                    task=meta["task"])  # fmt: skip
-    meta.setdefault("reference", {})["prediction"] = reference["prediction"]
+    scores = prediction_score(meta["task"], np.nan_to_num(out.numpy().astype(np.float64)))
+    meta.setdefault("reference", {})["prediction"] = quantile_histogram(scores)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 

@@ -8,7 +8,8 @@ one place. The compiler only schedules this step when every gate passed.
 
 The manifest carries what drift detection and safe rollouts need later: the artifact URI and
 digest, the test metrics, the input signature (serving features in order), the lineage
-(dataset URI and digest) and the training reference distribution of every feature.
+(dataset URI and digest), the training reference distribution of every feature and that of the
+prediction score (``kubeloop.contract.reference.manifest_reference``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 
 from kubeloop.api.model_version import ModelVersionSpec
 from kubeloop.api.training_run import TrainingRunSpec
-from kubeloop.backends.artifacts import digest
+from kubeloop.contract.artifact import METADATA_FILE, REGISTRY_FORMAT, digest
+from kubeloop.contract.reference import manifest_reference
+from kubeloop.contract.steps import MANIFEST_FILE, MODEL_DIR
 from kubeloop_pipelines.contract import (
-    MANIFEST_FILE,
     SCHEMA_FILE,
     StepError,
     StepResult,
@@ -31,8 +33,6 @@ from kubeloop_pipelines.contract import (
 )
 from kubeloop_pipelines.progress import StepReport, local_path, publish, write_text
 
-MODEL_DIR = "model"
-MAX_REFERENCE_FEATURES = 256
 METRIC_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
@@ -46,14 +46,6 @@ def _metrics(evaluation: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, int | float) and math.isfinite(value):
             out[key] = float(value)
     return dict(list(out.items())[:64])
-
-
-def _reference(model_json: dict[str, Any]) -> list[dict[str, Any]]:
-    features = (model_json.get("reference") or {}).get("features") or {}
-    return [
-        {"name": name, "edges": ref["edges"][:65], "fractions": ref["fractions"][:64]}
-        for name, ref in list(features.items())[:MAX_REFERENCE_FEATURES]
-    ]
 
 
 def build_manifest(
@@ -75,7 +67,7 @@ def build_manifest(
         if task == "classification"
         else [{"name": "prediction", "dtype": "float32", "shape": []}]
     )
-    artifact: dict[str, Any] = {"uri": artifact_uri, "format": "torch"}
+    artifact: dict[str, Any] = {"uri": artifact_uri, "format": REGISTRY_FORMAT}
     if sha256:
         artifact["sha256"] = sha256
     if size_bytes is not None:
@@ -94,7 +86,7 @@ def build_manifest(
             "outputs": outputs,
         },
         "lineage": {k: v for k, v in lineage.items() if v},
-        "reference": _reference(model_json),
+        **manifest_reference(model_json.get("reference") or {}),
         "aliases": [spec.registration.alias] if spec.registration.alias else [],
         "description": f"{spec.model.family} trained on {spec.data.uri}"[:4096],
     }
@@ -117,10 +109,10 @@ def run(
     if not evaluation.get("gatesPassed", False):
         # The compiler only runs this step after the gates passed; refuse all the same.
         raise StepError("the evaluation gates did not pass: nothing is registered")
-    model_json_path = model_dir / "model.json"
+    model_json_path = model_dir / METADATA_FILE
     if not model_json_path.is_file():
         raise StepError(
-            f"{model_dir} holds no model.json: the model was not saved", permanent=False
+            f"{model_dir} holds no {METADATA_FILE}: the model was not saved", permanent=False
         )
     model_json = json.loads(model_json_path.read_text())
     schema = read_json(raw_dir / SCHEMA_FILE) if (raw_dir / SCHEMA_FILE).is_file() else {}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeloop.api.training_run import TrainingRunSpec
+from kubeloop.contract.steps import MODEL_DIR
 from kubeloop_pipelines.contract import StepError, StepResult, read_json
 from kubeloop_pipelines.ml.evaluate import html_page, html_table, plot_learning_curves, png_tag
 from kubeloop_pipelines.ml.train import EpochStats, FitResult, save_trained, train_prepared
@@ -23,7 +24,6 @@ from kubeloop_pipelines.ml.tune import format_param, resolved_params
 from kubeloop_pipelines.progress import StepReport, publish
 
 CURVES = "plots/learning-curves.png"
-MODEL = "model"
 
 
 def read_params(spec: TrainingRunSpec, params_path: Path) -> dict[str, Any]:
@@ -100,8 +100,8 @@ def run(
     curves_html.write_text(curves_page(result, png))
     published: dict[str, str] = {}
     if run_uri:
-        publish(run_uri, MODEL, model_dir)
-        published["model"] = MODEL
+        publish(run_uri, MODEL_DIR, model_dir)
+        published["model"] = MODEL_DIR
         if png is not None:
             with tempfile.TemporaryDirectory(prefix="kubeloop-train-") as tmp:
                 path = Path(tmp) / "learning-curves.png"

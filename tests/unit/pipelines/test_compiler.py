@@ -16,13 +16,9 @@ import pytest
 import yaml
 
 from kubeloop.api.training_run import TrainingRunSpec
-from kubeloop_pipelines.compiler import (
-    DISPLAY_NAMES,
-    KUEUE_LABEL,
-    CompiledPipeline,
-    canonical_spec_json,
-    compile_spec,
-)
+from kubeloop.contract.labels import KUEUE_QUEUE_LABEL
+from kubeloop.contract.steps import DISPLAY_NAMES, step_of_task
+from kubeloop_pipelines.compiler import CompiledPipeline, canonical_spec_json, compile_spec
 from kubeloop_pipelines.contract import parse_spec
 from tests.conftest import ROOT
 
@@ -224,6 +220,7 @@ def test_every_task_has_display_name_retries_and_caching(full: CompiledPipeline)
     for name, task in tasks(pipeline).items():
         assert task["taskInfo"]["name"] == DISPLAY_NAMES[name]
         assert task["taskInfo"]["name"].split()[0].lower() == name
+        assert step_of_task(task["taskInfo"]["name"]) == name  # how executors find the step
         assert task["retryPolicy"] == {
             "maxRetryCount": 3,
             "backoffDuration": "10s",
@@ -282,7 +279,7 @@ def test_placement_and_kueue_label_on_every_pod(full: CompiledPipeline) -> None:
                 "tolerationSeconds": "60",
             },
         ]
-        assert config["podMetadata"]["labels"] == {KUEUE_LABEL: "team-a"}
+        assert config["podMetadata"]["labels"] == {KUEUE_QUEUE_LABEL: "team-a"}
 
 
 def test_no_platform_config_without_placement_or_queue() -> None:
@@ -294,7 +291,7 @@ def test_the_spec_queue_name_when_the_operator_sets_none() -> None:
     spec = spec_of(BASE, **{"resources.queueName": "gpu-queue"})
     _, platform = documents(compile_spec(spec))
     for config in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
-        assert config["podMetadata"]["labels"] == {KUEUE_LABEL: "gpu-queue"}
+        assert config["podMetadata"]["labels"] == {KUEUE_QUEUE_LABEL: "gpu-queue"}
 
 
 def test_the_ir_carries_the_spec_and_it_round_trips(full: CompiledPipeline) -> None:

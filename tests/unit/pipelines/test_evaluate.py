@@ -1,5 +1,6 @@
 """Evaluation: metrics against hand-computed values, the learning-curve verdict on synthetic
-histories, registration gates, serving cost of a real artifact, plots and the report."""
+histories, registration gates, serving cost of a real artifact, plots and the report; and the
+register step's ModelVersion manifest of what passed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kubeloop.api.model_version import ModelVersionSpec
 from kubeloop.api.training_run import Gate, TrainingRunSpec
+from kubeloop.contract.artifact import METADATA_FILE, REGISTRY_FORMAT, digest
+from kubeloop.contract.steps import MANIFEST_FILE, MODEL_DIR
 from kubeloop.serving.artifact import load_model
 from kubeloop.serving.samples import breast_cancer, train_tabular_model
 from kubeloop_pipelines.contract import StepError, StepResult
@@ -30,6 +34,7 @@ from kubeloop_pipelines.ml.evaluate import (
 from kubeloop_pipelines.ml.preprocess import load_prepared
 from kubeloop_pipelines.progress import StepReport
 from kubeloop_pipelines.steps import evaluate as evaluate_step
+from kubeloop_pipelines.steps import register as register_step
 from tests.unit.pipelines.conftest import spec_for
 
 # --- metrics -----------------------------------------------------------------------------
@@ -262,3 +267,42 @@ def test_evaluate_step_fails_gates_and_rejects_a_wrong_metric(
     with pytest.raises(StepError) as caught:
         run_evaluate(wrong, cancer_model, tmp_path)
     assert caught.value.field == "evaluation.gates[0].metric"
+
+
+# --- register: the manifest of what passed -----------------------------------------------
+
+
+def test_register_step_carries_the_feature_and_prediction_references(
+    cancer_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    spec = spec_for("builtin://breast-cancer", "label")  # no gates: they pass
+    run_evaluate(spec, cancer_model, tmp_path)
+    run_uri = f"file://{tmp_path}/run"
+    result = register_step.run(
+        spec, report=StepReport(run_uri, "register"), run_uri=run_uri,
+        raw_dir=cancer_model[0].parent / "raw", model_dir=cancer_model[1],
+        evaluation_path=tmp_path / "evaluation.json", manifest_path=tmp_path / "manifest.json",
+    )  # fmt: skip
+
+    model_json = json.loads((cancer_model[1] / METADATA_FILE).read_text())
+    reference = model_json["reference"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert json.loads((tmp_path / "run" / MANIFEST_FILE).read_text()) == manifest
+    spec_out = manifest["spec"]
+    prediction = spec_out["predictionReference"]
+    assert prediction["edges"] == reference["prediction"]["edges"]
+    assert prediction["fractions"] == reference["prediction"]["fractions"]
+    assert len(prediction["edges"]) == len(prediction["fractions"]) + 1 >= 2
+    assert [f["name"] for f in spec_out["reference"]] == model_json["features"]
+    for feature in spec_out["reference"]:
+        expected = reference["features"][feature["name"]]
+        assert feature == {"name": feature["name"], **expected}
+    assert spec_out["artifact"]["format"] == REGISTRY_FORMAT
+    assert spec_out["artifact"]["sha256"] == digest(tmp_path / "run" / MODEL_DIR)
+    assert result.published == {"model": MODEL_DIR, "manifest": MANIFEST_FILE}
+
+    version = ModelVersionSpec.model_validate({**spec_out, "modelName": "cancer", "version": 1})
+    assert version.prediction_reference is not None
+    assert version.prediction_reference.edges == reference["prediction"]["edges"]
+    assert version.prediction_reference.fractions == reference["prediction"]["fractions"]
+    assert len(version.reference) == len(model_json["features"])

@@ -1,4 +1,5 @@
-"""The serving runtime: a ``kserve.Model`` that serves one kubeloop artifact.
+"""The model server: a ``kserve.Model`` that serves one kubeloop artifact
+(``python -m kubeloop.serving`` runs it in kserve's ModelServer).
 
 It speaks KServe's V1 protocol (``{"instances": [[...], ...]}`` → ``{"predictions": ...}``) and
 V2 (one numeric input of shape [n, n_features] → one FP32 output), applies the training

@@ -1,4 +1,4 @@
-"""Measuring a canary through Prometheus for ``planning.canary.judge``.
+"""The canary's measurements, read from Prometheus, for ``planning.canary.judge``.
 
 Every value that cannot be had — an empty or NaN series, an unreachable Prometheus, a tenant
 query that is invalid or would read another namespace — is None, i.e. *inconclusive*: the
@@ -15,9 +15,10 @@ from kubeloop.api.model_deployment import ModelDeployment
 from kubeloop.backends.prometheus import (
     AmbiguousQuery,
     InvalidQuery,
+    PrometheusClient,
     PrometheusUnavailable,
 )
-from kubeloop.handlers.runtime import Runtime
+from kubeloop.contract.durations import parse_rfc3339, seconds
 from kubeloop.planning import canary
 from kubeloop.planning.promql import UnsafeQuery, builtin_queries, scope_query
 
@@ -28,14 +29,16 @@ class Measured:
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (reason, message)
 
 
-async def measure(rt: Runtime, md: ModelDeployment, *, stable: str, candidate: str) -> Measured:
-    prom, ns, window = rt.prometheus, md.namespace, md.spec.rollout.interval
+async def measure(
+    prom: PrometheusClient, md: ModelDeployment, *, stable: str, candidate: str, now: dt.datetime
+) -> Measured:
+    ns, window = md.namespace, md.spec.rollout.interval
     mine = builtin_queries(ns, md.name, candidate, window)
     # The stable's predictions are the baseline; at the last steps it gets little or no
     # traffic, so compare with everything it answered since the rollout began.
-    began = canary.parse_time(md.status.rollout_started_at)
-    since = (dt.datetime.now(dt.UTC) - began).total_seconds() if began else 0.0
-    baseline = f"{int(canary.seconds(window) + since)}s"
+    began = parse_rfc3339(md.status.rollout_started_at)
+    since = (now - began).total_seconds() if began else 0.0
+    baseline = f"{int(seconds(window) + since)}s"
     theirs = builtin_queries(ns, md.name, stable, baseline)
     try:
         requests = await prom.query_value(mine["requests"])

@@ -1,4 +1,5 @@
-"""Operator start-up: kopf settings, the shared API client, the operator's own metrics."""
+"""Operator start-up: kopf settings, and the context every handler shares (settings, the API
+client, the backends, locks), kept in kopf's memo rather than in module globals."""
 
 from __future__ import annotations
 
@@ -15,27 +16,18 @@ import prometheus_client
 from kubeloop.backends.executor import Executor
 from kubeloop.backends.kube import KubeClient, connection_info
 from kubeloop.backends.prometheus import PrometheusClient
+from kubeloop.backends.registry import Registry, VersionIndex
+from kubeloop.backends.registry_index import RegistryIndexWriter
 from kubeloop.backends.serving import ServingBackend
 from kubeloop.backends.serving_kserve import KServeBackend
 from kubeloop.backends.serving_local import LocalServingBackend
-from kubeloop.handlers.registry_index import RegistryIndexWriter
 from kubeloop.settings import Settings
 
 FINALIZER = "kubeloop.dev/finalizer"
 
-RECONCILES = prometheus_client.Counter(
-    "kubeloop_reconcile_total", "Reconciliations by kind and result.", ["kind", "result"]
-)
-RECONCILE_SECONDS = prometheus_client.Histogram(
-    "kubeloop_reconcile_duration_seconds",
-    "Reconciliation latency by kind.",
-    ["kind"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-
 
 @dataclass
-class Runtime:
+class Context:
     """What handlers share, kept in kopf's memo (no module-global clients)."""
 
     settings: Settings
@@ -47,6 +39,9 @@ class Runtime:
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
     executors: dict[str, Executor] = field(default_factory=dict)
+    # GPUs of the TrainingRuns this operator admitted, by namespace and run (the admission
+    # ledger: their Running status may not be visible in the API yet).
+    admitted: defaultdict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
 
     def executor(self, name: str) -> Executor:
         """The TrainingRun executor ``name`` (local or kfp), created on first use: the kfp
@@ -67,12 +62,32 @@ class Runtime:
         return self.executors[name]
 
     def lock(self, *key: str) -> asyncio.Lock:
+        """A lock for what must be serial (e.g. allocating a model's next version number)."""
         return self.locks[key]
 
+    def hold_gpus(self, namespace: str, run: str, gpus: int, running: bool) -> None:
+        """Keep the admission ledger in step with the phase a TrainingRun is about to show."""
+        if running:
+            self.admitted[namespace][run] = gpus
+        else:
+            self.admitted[namespace].pop(run, None)
 
-def runtime(memo: Any) -> Runtime:
-    rt: Runtime = memo["runtime"]
-    return rt
+    def registry(self, index: VersionIndex) -> Registry:
+        """The registry over the ModelVersion index a handler was given."""
+        return Registry(self.kube, index, self.lock)
+
+    def serving_backend(self, name: str) -> ServingBackend:
+        """A ModelDeployment's serving backend (``default``: the operator's setting)."""
+        return self.serving[self.settings.serving_backend if name == "default" else name]
+
+    def executor_for(self, name: str) -> Executor:
+        """A TrainingRun's executor (``default``: the operator's setting)."""
+        return self.executor(self.settings.executor if name == "default" else name)
+
+
+def context(memo: Any) -> Context:
+    ctx: Context = memo["context"]
+    return ctx
 
 
 def configure_kopf(settings: kopf.OperatorSettings, cfg: Settings) -> None:
@@ -110,7 +125,7 @@ async def startup(
         "kserve": KServeBackend(kube, image=cfg.serving_image),
     }
     prometheus = PrometheusClient(cfg.prometheus_url, timeout=10)
-    memo["runtime"] = Runtime(cfg, kube, RegistryIndexWriter(kube), prometheus, serving)
+    memo["context"] = Context(cfg, kube, RegistryIndexWriter(kube), prometheus, serving)
     if cfg.metrics_port:
         prometheus_client.start_http_server(cfg.metrics_port, addr="0.0.0.0")
         logger.info("operator metrics on :%d/metrics", cfg.metrics_port)
@@ -118,6 +133,6 @@ async def startup(
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    rt = memo.get("runtime")
-    if isinstance(rt, Runtime):
-        await rt.kube.close()
+    ctx = memo.get("context")
+    if isinstance(ctx, Context):
+        await ctx.kube.close()

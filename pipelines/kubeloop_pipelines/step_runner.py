@@ -1,4 +1,4 @@
-"""What every KFP component body does around its step, in one place.
+"""The step runner: what every KFP component body does around its step, in one place.
 
 A component (``components.py``) is a few lines: it hands its artifact paths to
 :func:`run_step`, which
@@ -16,7 +16,8 @@ A component (``components.py``) is a few lines: it hands its artifact paths to
    may heal it); then re-raises, so the task fails in KFP too.
 
 This module is imported inside the component bodies (KFP ships only the function source to the
-pod), so it must stay importable from the training image: no operator-only imports here.
+pod), so it must stay importable from the training image: no operator-only imports here
+(``kubeloop.contract`` is shared by both sides and needs neither kopf nor aiohttp).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from kubeloop.contract.steps import step_record
 from kubeloop_pipelines.contract import StepError, StepResult, parse_spec
-from kubeloop_pipelines.progress import STEPS_DIR, StepReport, local_path
+from kubeloop_pipelines.progress import StepReport, local_path
 
 # Where the step modules live; tests point it at stand-in steps (nothing else should).
 STEPS_PACKAGE_ENV = "KUBELOOP_STEPS_PACKAGE"
@@ -68,7 +70,7 @@ def previous_record(run_uri: str, step: str) -> dict[str, Any]:
     """The step's progress record left by an earlier try of this run, or {}."""
     if not run_uri:
         return {}
-    name = f"{STEPS_DIR}/{step}.json"
+    name = step_record(step)
     try:
         root = local_path(run_uri)
         if root is not None:

@@ -1,4 +1,4 @@
-"""What every component does around its step (``runtime.run_step``): the progress record, the
+"""What every component does around its step (``step_runner.run_step``): the progress record, the
 KFP metrics, the output directories, and how failures are recorded and re-raised."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop_pipelines.contract import StepError
-from kubeloop_pipelines.runtime import STEPS_PACKAGE_ENV, run_step
+from kubeloop_pipelines.step_runner import STEPS_PACKAGE_ENV, run_step
 
 SPEC = TrainingRunSpec.model_validate(
     {

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
 
 from kubeloop.backends.kube import CONFIGMAPS, ApiError, KubeClient
+from kubeloop.backends.registry import VersionIndex
 from kubeloop.planning.model_version import VersionEntry, build_registry_index
 
 log = logging.getLogger("kubeloop.registry")
-
-Entries = Callable[[str, str], Iterable[VersionEntry]]
 
 
 class RegistryIndexWriter:
@@ -25,21 +23,22 @@ class RegistryIndexWriter:
         self._delay = delay
         self._attempts = attempts
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self.entries: Entries = lambda namespace, model: ()
 
-    def schedule(self, namespace: str, model: str) -> None:
-        """Write the index of ``model`` soon; calls within the delay coalesce into one write."""
+    def schedule(self, namespace: str, model: str, index: VersionIndex) -> None:
+        """Write the index of ``model`` soon, from the versions ``index`` holds then; calls
+        within the delay coalesce into one write."""
         key = (namespace, model)
         if key not in self._pending:
-            self._pending[key] = asyncio.create_task(self._write_later(key))
+            self._pending[key] = asyncio.create_task(self._write_later(key, index))
 
-    async def _write_later(self, key: tuple[str, str]) -> None:
+    async def _write_later(self, key: tuple[str, str], index: VersionIndex) -> None:
         namespace, model = key
         await asyncio.sleep(self._delay)
         # From here on a new schedule() starts a new write: nothing that arrives is lost.
         del self._pending[key]
         for attempt in range(1, self._attempts + 1):
-            entries = [e for e in self.entries(namespace, model) if not e.deleting]
+            entries = [VersionEntry.from_version(v) for v in index.get(key, ())]
+            entries = [e for e in entries if not e.deleting]
             if not entries:
                 return  # garbage collection removes the index with its last owner
             try:

@@ -1,0 +1,100 @@
+"""The one loop every kubeloop daemon runs.
+
+A daemon (one per TrainingRun, one per ModelDeployment) is the only writer of its resource's
+status. Each pass has one shape:
+
+    observe (read-only: the resource, its children, the registry index, the backend, Prometheus)
+    → plan once (a pure function of spec, observed world and clock: status, actions, events,
+      when to look again)
+    → apply once (the actions)
+    → write status once, post the Events.
+
+This module owns what is common to every pass: the pacing (a pass is due after the plan's
+requeue, and at least every ``POLL_S`` because a daemon is not woken by spec changes), one
+backoff policy for failures (``errors.backoff``), the error mapping (``errors.classify``), a
+Warning Event once failures persist, and the reconcile metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import kopf
+from pydantic import BaseModel
+
+from kubeloop.backends.kube import Kind, KubeClient
+from kubeloop.handlers import errors, events
+from kubeloop.handlers.metrics import RECONCILE_SECONDS, RECONCILES
+
+POLL_S = 2.0  # the longest a daemon waits before it looks at its (live) body again
+MIN_WAIT_S = 0.2
+WARN_AFTER = 3  # consecutive failed passes before a Warning Event says so
+
+Pass = Callable[[], Awaitable[float | None]]  # seconds until the next pass; None: idle
+
+
+async def run(
+    kind: str,
+    body: Mapping[str, Any],
+    stopped: kopf.DaemonStopped,
+    logger: kopf.Logger,
+    reconcile_pass: Pass,
+) -> None:
+    """Run ``reconcile_pass`` until the daemon is stopped."""
+    failures = 0
+    while not stopped:
+        try:
+            with RECONCILE_SECONDS.labels(kind).time():
+                delay = await reconcile_pass()
+            if delay is not None:
+                RECONCILES.labels(kind, "success").inc()
+            failures = 0
+            wait = min(max(delay if delay is not None else POLL_S, MIN_WAIT_S), POLL_S)
+        except Exception as exc:
+            failure = errors.classify(exc)
+            RECONCILES.labels(kind, failure.result).inc()
+            failures += 1
+            # What will not heal by retrying waits for a spec change: look again now and then.
+            retryable = failure.retryable
+            wait = errors.backoff(failures - 1) if retryable else errors.INVALID_RECHECK_S
+            if failure.result == "error":
+                logger.exception("%s pass failed (retry in %.0fs)", kind, wait)
+            else:
+                logger.warning("%s pass failed (retry in %.0fs): %s", kind, wait, failure.message)
+            if failures == WARN_AFTER:
+                events.post(body, "Warning", failure.reason, failure.message)
+        await stopped.wait(wait)
+
+
+class Owner(Protocol):
+    """A parsed resource whose status a daemon writes."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def namespace(self) -> str: ...
+
+    status: Any
+
+    def model_dump(self, *, by_alias: bool, mode: str) -> dict[str, Any]: ...
+
+
+async def write_status(
+    kube: KubeClient,
+    kind: Kind,
+    resource: Owner,
+    status: BaseModel,
+    decided_events: list[tuple[str, str, str]],
+) -> None:
+    """Write ``status`` in one patch when it differs from what ``resource`` shows (and keep it
+    on ``resource``), then post the decided Events."""
+    new = status.model_dump(by_alias=True, mode="json")
+    if new != resource.status.model_dump(by_alias=True, mode="json"):
+        await kube.patch(
+            kind, resource.namespace, resource.name, {"status": new}, subresource="status"
+        )
+        resource.status = status
+    body = resource.model_dump(by_alias=True, mode="json")
+    for type_, reason, message in decided_events:
+        events.post(body, type_, reason, message)
