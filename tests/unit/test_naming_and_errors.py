@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import kopf
@@ -91,3 +92,62 @@ async def test_model_validation_error_names_the_field() -> None:
     with pytest.raises(kopf.PermanentError, match=r"spec\.version"):
         await handler(body=bad, patch=patch, retry=0)
     assert patch.status["conditions"][0]["reason"] == "InvalidSpec"
+
+
+class _Stopped:
+    """A daemon's stop flag whose wait records the delay instead of sleeping (the clock is a
+    boundary); it stops the daemon after ``passes`` waits."""
+
+    def __init__(self, passes: int) -> None:
+        self.waits: list[float] = []
+        self.passes = passes
+
+    def __bool__(self) -> bool:
+        return len(self.waits) >= self.passes
+
+    async def wait(self, delay: float) -> None:
+        self.waits.append(delay)
+
+
+async def test_daemon_backs_off_with_the_shared_policy_and_warns_once(
+    posted: list[tuple[str, str, str]],
+) -> None:
+    from kubeloop.backends.executor import ExecutorError
+    from kubeloop.handlers import daemon
+
+    outcomes: list[Exception | float | None] = [
+        ExecutorError("KFP answered 503", temporary=True),
+        ApiError(500, "InternalError", "etcd"),
+        TimeoutError("slow"),
+        ExecutorError("KFP answered 503", temporary=True),
+        30.0,  # a healthy pass asks for 30 s: the daemon still looks again within POLL_S
+        None,  # idle
+        ApiError(403, "Forbidden", "no"),  # will not heal: look again now and then
+    ]
+
+    async def one_pass() -> float | None:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    stopped = _Stopped(passes=7)
+    await daemon.run("TrainingRun", BODY, stopped, logging.getLogger("t"), one_pass)  # type: ignore[arg-type]
+    assert stopped.waits == [2, 4, 8, 16, daemon.POLL_S, daemon.POLL_S, 30.0]
+    # The third failure in a row says so once, with the reason of what failed.
+    assert posted == [("Warning", "ApiUnavailable", "API unreachable: TimeoutError('slow')")]
+
+
+@pytest.mark.parametrize(
+    ("exc", "result"),
+    [
+        (InvalidSpec("spec.x", "bad"), "invalid"),
+        (ApiError(429, "TooMany", "slow down"), "retry"),
+        (ApiError(422, "Invalid", "no"), "failed"),
+        (ValueError("a bug"), "error"),
+    ],
+)
+def test_one_table_says_what_retries(exc: Exception, result: str) -> None:
+    from kubeloop.handlers.errors import classify
+
+    assert classify(exc).result == result
