@@ -107,7 +107,7 @@ async def one_run(kube: KubeClient, ns: str, name: str, interval: float) -> dict
                         "minRequests": 10,
                         "failureLimit": 1,
                         "maxP99LatencyMs": 3000,
-                        "maxPredictionShift": 5.0,
+                        "maxPredictionShift": 2.0,
                     },
                 },
             },

@@ -114,7 +114,7 @@ def deployment(version: str, **rollout: Any) -> dict[str, Any]:
                     "minRequests": 10,
                     "maxErrorRate": 0.05,
                     "maxP99LatencyMs": 3000,
-                    "maxPredictionShift": 5.0,
+                    "maxPredictionShift": 2.0,
                     "failureLimit": 1,
                     **rollout,
                 },

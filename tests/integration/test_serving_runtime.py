@@ -1,10 +1,13 @@
 """The real serving runtime: `python -m kubeloop.serving` as a subprocess on 127.0.0.1, a real
-trained torch model, real HTTP (V1, V2, readiness, /metrics). No Kubernetes cluster needed."""
+trained torch model, real HTTP (V1, V2, readiness, /metrics, feedback). The behaviour tests run
+against the runtime's own app and against kserve's ModelServer with the adapter
+(``--server kserve``, the protocol reference). No Kubernetes cluster needed."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -39,24 +42,36 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    kind: str = "kubeloop"  # --server: kubeloop (the runtime's app) or kserve (the reference)
 
 
-def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    return http_with_headers(method, url, body, headers)[:2]
+
+
+def http_with_headers(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any, dict[str, str]]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
-        url, data=data, method=method, headers={"content-type": "application/json"}
+        url,
+        data=data,
+        method=method,
+        headers={"content-type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            raw = response.read()
-            status = response.status
+            raw, status, got = response.read(), response.status, response.headers
     except urllib.error.HTTPError as exc:
-        raw, status = exc.read(), exc.code
+        raw, status, got = exc.read(), exc.code, exc.headers
     text = raw.decode()
+    answer = {k.lower(): v for k, v in got.items()}
     try:
-        return status, json.loads(text)
+        return status, json.loads(text), answer
     except ValueError:
-        return status, text
+        return status, text, answer
 
 
 def start_server(model_dir: Path, log: Path, *extra: str) -> Server:
@@ -67,7 +82,8 @@ def start_server(model_dir: Path, log: Path, *extra: str) -> Server:
     ]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+    kind = extra[extra.index("--server") + 1] if "--server" in extra else "kubeloop"
+    server = Server(f"http://127.0.0.1:{port}", process, log, kind)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -96,9 +112,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tabular_model(tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(scope="module")
-def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(model_dir, tmp_path_factory.mktemp("log") / "server.log")
+@pytest.fixture(scope="module", params=["kubeloop", "kserve"])
+def server(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    srv = start_server(model_dir, log, "--server", request.param)
     try:
         yield srv
     finally:
@@ -255,3 +274,62 @@ def test_unloadable_artifact_exits_non_zero_with_the_reason(tmp_path: Path) -> N
     assert result.returncode == 2
     assert "does not exist" in result.stderr
     assert "--model-dir" in result.stderr
+
+
+def test_runtime_runs_on_uvloop_and_echoes_request_ids(model_dir: Path, tmp_path: Path) -> None:
+    srv = start_server(model_dir, tmp_path / "ids.log")
+    try:
+        status, body, headers = http_with_headers(
+            "POST", f"{srv.url}/v1/models/{MODEL}:predict", {"instances": breast_cancer_rows(1)},
+            {"X-Request-Id": "client-7"},
+        )  # fmt: skip
+        assert status == 200, body
+        assert headers["x-request-id"] == "client-7"
+        status, body, headers = http_with_headers(
+            "POST", f"{srv.url}/v1/models/{MODEL}:predict", {"instances": [[1.0]]}
+        )
+        assert status == 400
+        assert headers["x-request-id"]  # a generated one: errors carry an id too
+    finally:
+        stop_server(srv)
+    log = srv.log.read_text()
+    assert f"serving model {MODEL} version {VERSION}" in log
+    assert "loop uvloop.Loop, http httptools" in log
+    assert "POST /v1/models" not in log  # no access log, no per-request lines
+
+
+def test_labels_fed_back_by_request_id(server: Server) -> None:
+    rows = breast_cancer_rows(2, offset=5)
+    body = {"id": "fb-1", "inputs": [{"name": "x", "shape": [2, 30], "datatype": "FP32",
+                                      "data": rows}]}  # fmt: skip
+    status, answer = http("POST", f"{server.url}/v2/models/{MODEL}/infer", body)
+    assert status == 200, answer
+    feedback = f"{server.url}/v2/models/{MODEL}/feedback"
+    status, answer = http("POST", feedback, {"id": "fb-1", "row": 1, "label": "benign"})
+    if server.kind == "kserve":
+        assert (status, answer) == (404, {"detail": "Not Found"})  # kserve has no such route
+        return
+    assert (status, answer["status"], answer["row"]) == (200, "matched", 1), answer
+    status, answer = http("POST", feedback, {"id": "fb-1", "row": 1, "label": "malignant"})
+    assert (status, answer["status"]) == (409, "conflict")
+    status, answer = http("POST", f"{server.url}/v1/models/{MODEL}:feedback",
+                          {"id": "never-answered", "label": "benign"})  # fmt: skip
+    assert status == 404
+    assert answer["status"] == "unknown"
+
+
+def test_sigterm_drains_stops_and_flushes_the_request_log(model_dir: Path, tmp_path: Path) -> None:
+    log_dir = tmp_path / "request-log"
+    srv = start_server(
+        model_dir, tmp_path / "term.log", "--request-log-uri", str(log_dir),
+        "--grpc-port", str(free_port()),
+    )  # fmt: skip
+    for i in range(5):
+        rows = breast_cancer_rows(1, offset=i)
+        status, _ = http("POST", f"{srv.url}/v1/models/{MODEL}:predict", {"instances": rows})
+        assert status == 200
+    srv.process.send_signal(signal.SIGTERM)
+    assert srv.process.wait(timeout=30) == 0, srv.log.read_text()
+    files = sorted((log_dir / "predictions" / VERSION).glob("*.parquet"))
+    assert files, list(log_dir.rglob("*"))
+    assert sum(int(f.stem.rsplit("_r", 1)[1]) for f in files) == 5

@@ -179,6 +179,8 @@ def test_runtime_arguments() -> None:
         "churn-v1",
         "--http-port",
         "8080",
+        "--feedback-ttl",
+        "3600.0",
     ]
     full = container(
         build(
@@ -194,6 +196,33 @@ def test_runtime_arguments() -> None:
     assert (arg(full, "--max-batch-size"), arg(full, "--max-latency-ms")) == ("64", "20")
     assert (arg(full, "--cache-size"), arg(full, "--cache-ttl")) == ("500", "60")
     assert [p["containerPort"] for p in full["ports"]] == [8080, 8081]
+
+
+def test_monitoring_device_and_shared_edges_reach_the_runtime() -> None:
+    placement = Placement(
+        V1, request_log_uri="s3://b/p/ns/serving/churn/requests", prediction_edges=(0.0, 2.5, 9.0)
+    )
+    deployment = md(
+        resources={"gpu": 1},
+        monitoring={"requestLog": {"sampleRate": 0.25, "maxRows": 5000}, "feedbackTtl": "10m"},
+    )
+    c = container(build(deployment, placement)["spec"]["predictor"])
+    assert arg(c, "--device") == "cuda"
+    assert arg(c, "--feedback-ttl") == "600.0"
+    assert arg(c, "--request-log-uri") == "s3://b/p/ns/serving/churn/requests"
+    assert (arg(c, "--request-log-sample"), arg(c, "--request-log-max-rows")) == ("0.25", "5000")
+    assert arg(c, "--prediction-edges") == "[0.0, 2.5, 9.0]"
+    off = md(monitoring={"requestLog": {"enabled": False}})
+    args = container(build(off, placement)["spec"]["predictor"])["args"]
+    assert "--request-log-uri" not in args
+    assert "--device" not in args
+
+
+def test_the_protocol_names_the_readiness_route() -> None:
+    v2 = container(build(md(), Placement(V1))["spec"]["predictor"])
+    assert v2["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    v1 = container(build(md(protocol="v1"), Placement(V1))["spec"]["predictor"])
+    assert v1["readinessProbe"]["httpGet"]["path"] == "/v1/models/churn"
 
 
 def test_batching_and_cache_flags_absent_when_disabled() -> None:

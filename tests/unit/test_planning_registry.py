@@ -175,3 +175,55 @@ def test_the_contract_agrees_with_the_api() -> None:
         assert steps.step_of_task(f"{display}-2") == step
     assert steps.step_of_task("condition-1") == ""
     assert set(steps.DISPLAY_NAMES) == set(steps.STEPS)
+
+
+def regression(version: int, edges: list[float] | None) -> ModelVersion:
+    body = mv(version).model_dump(by_alias=True, mode="json")
+    body["spec"]["task"] = "regression"
+    if edges is not None:
+        body["spec"]["predictionReference"] = {
+            "edges": edges,
+            "fractions": [0.5] * (len(edges) - 1),
+        }
+    return ModelVersion.parse(body)
+
+
+def test_regression_versions_share_the_first_versions_prediction_edges() -> None:
+    versions = [regression(3, [0.0, 5.0, 9.0]), regression(1, None), regression(2, [1.0, 2.0])]
+    assert rules.shared_prediction_edges(versions, "m") == (1.0, 2.0)  # v1 has none: v2's
+    assert rules.shared_prediction_edges([mv(1), mv(2)], "m") == ()  # classifiers: fixed edges
+    assert rules.shared_prediction_edges(versions, "other") == ()
+
+
+def test_the_request_log_lies_under_the_tenant_prefix_or_nowhere() -> None:
+    local = naming.request_log_uri("ns", "churn", artifact_root="/art", object_store_prefix="")
+    assert local == "file:///art/ns/serving/churn/requests"
+    remote = naming.request_log_uri(
+        "ns", "churn", artifact_root="/art", object_store_prefix="s3://b/p", remote=True
+    )
+    assert remote == "s3://b/p/ns/serving/churn/requests"
+    # a KServe pod cannot write the operator's local disk
+    assert (
+        naming.request_log_uri(
+            "ns", "churn", artifact_root="/art", object_store_prefix="", remote=True
+        )
+        == ""
+    )
+
+
+def test_a_placement_needs_a_known_stable_version() -> None:
+    from kubeloop.planning.placement import build_placement
+
+    known = {"m-v1": mv(1), "m-v2": mv(2)}
+    assert build_placement(known, (None, None, 0)) is None
+    assert build_placement(known, ("m-v9", None, 0)) is None
+    placed = build_placement(known, ("m-v1", "m-v2", 25), request_log_uri="file:///x")
+    assert placed is not None
+    assert (placed.stable.version, placed.canary.version if placed.canary else None) == (
+        "m-v1",
+        "m-v2",
+    )
+    assert (placed.canary_weight, placed.request_log_uri) == (25, "file:///x")
+    assert build_placement(known, ("m-v1", "m-v7", 25)) == build_placement(
+        known, ("m-v1", None, 25)
+    )

@@ -72,6 +72,29 @@ class ResponseCache(ApiModel):
     ttl_seconds: int = Field(default=300, ge=1, le=86400, description="Entry lifetime.")
 
 
+class RequestLog(ApiModel):
+    """The served requests kept as training data (Parquet under the tenant's prefix)."""
+
+    enabled: bool = Field(default=True, description="Log sampled requests and their labels.")
+    sample_rate: float = Field(
+        default=1.0, ge=0, le=1, description="Share of requests logged (0..1)."
+    )
+    max_rows: int = Field(
+        default=1_000_000, ge=1, le=10**9, description="Rows kept; older files are removed."
+    )
+
+
+class Monitoring(ApiModel):
+    """What the runtime records for drift and retraining."""
+
+    request_log: RequestLog = Field(default_factory=RequestLog, description="Request log.")
+    feedback_ttl: Duration = Field(
+        default="1h",
+        description="How long a prediction waits for its ground-truth label (POST .../feedback "
+        "with the request id).",
+    )
+
+
 class Serving(ApiModel):
     """How the model is served."""
 
@@ -92,7 +115,11 @@ class Serving(ApiModel):
     deployment_mode: Literal["Serverless", "RawDeployment"] = Field(
         default="RawDeployment", description="KServe deployment mode."
     )
-    protocol: Literal["v1", "v2"] = Field(default="v2", description="KServe inference protocol.")
+    protocol: Literal["v1", "v2"] = Field(
+        default="v2",
+        description="The protocol clients use: status.url is its endpoint and readiness "
+        "checks its route (the runtime answers both).",
+    )
     grpc: bool = Field(default=False, description="Also serve the V2 gRPC protocol.")
     resources: ComputeResources = Field(
         default_factory=ComputeResources, description="Per-replica resources."
@@ -105,6 +132,9 @@ class Serving(ApiModel):
     scale_target: int = Field(default=8, ge=1, le=10000, description="Target per replica.")
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching.")
     cache: ResponseCache = Field(default_factory=ResponseCache, description="Response cache.")
+    monitoring: Monitoring = Field(
+        default_factory=Monitoring, description="Request log and label feedback."
+    )
 
 
 class CustomMetric(ApiModel):

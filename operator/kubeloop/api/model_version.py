@@ -101,7 +101,17 @@ class HistogramReference(ApiModel):
         description="Bucket edges, ascending (at most 64 buckets).",
     )
     fractions: list[float] = Field(
-        default_factory=list, max_length=64, description="Fraction of training rows per bucket."
+        default_factory=list,
+        max_length=65,
+        description="Fraction of rows per bucket, then (when present) the share of missing "
+        "values: as many entries as edges.",
+    )
+    rows: int | None = Field(
+        default=None,
+        ge=0,
+        le=10**12,
+        description="Rows the histogram was counted from (drift thresholds treat the "
+        "reference as a sample of this size).",
     )
 
 

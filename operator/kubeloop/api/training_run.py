@@ -71,8 +71,10 @@ class DataSource(ApiModel):
         description="file:///path.csv, s3://bucket/key.parquet, gs://…, or builtin://NAME "
         f"({', '.join(BUILTIN_DATASETS)})."
     )
-    format: Literal["auto", "csv", "parquet", "images", "text"] = Field(
-        default="auto", description="File format; auto infers it from the extension."
+    format: Literal["auto", "csv", "parquet", "images", "text", "requestLog"] = Field(
+        default="auto",
+        description="File format; auto infers it from the extension. requestLog: uri is a "
+        "ModelDeployment's request log (its labelled rows; target names the label column).",
     )
     target: ColumnName = Field(description="Column to predict.")
     task: Literal["classification", "regression"] = Field(

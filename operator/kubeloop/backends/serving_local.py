@@ -27,7 +27,13 @@ import aiohttp
 
 from kubeloop.api.model_deployment import ModelDeployment
 from kubeloop.backends.scrape_targets import remove_targets, write_targets
-from kubeloop.planning.placement import Placement, Served, ServingState, runtime_options
+from kubeloop.planning.placement import (
+    Placement,
+    Served,
+    ServingState,
+    endpoint_path,
+    runtime_options,
+)
 
 
 class LocalServingError(Exception):
@@ -96,7 +102,9 @@ class LocalServingBackend:
         stable_ready = stable is not None and await _ready(stable)
         canary = ports.get(placement.canary.version) if placement.canary else None
         canary_ready = canary is not None and await _ready(canary)
-        url = f"http://127.0.0.1:{router}/v2/models/{md.name}/infer" if router else ""
+        url = (
+            f"http://127.0.0.1:{router}{endpoint_path(md.spec.serving, md.name)}" if router else ""
+        )
         return ServingState(stable_ready, canary_ready, url, self._crashes(md, placement))
 
     def _running(self, md: ModelDeployment) -> tuple[dict[str, int], int | None]:
@@ -126,7 +134,7 @@ class LocalServingBackend:
         )
         # Only once the router no longer sends them anything: stop versions not served now.
         await asyncio.to_thread(self._stop_unwanted, md, ports)
-        url = f"http://127.0.0.1:{router_port}/v2/models/{md.name}/infer"
+        url = f"http://127.0.0.1:{router_port}{endpoint_path(md.spec.serving, md.name)}"
         return ServingState(stable_ready, canary_ready, url, self._crashes(md, placement))
 
     def _crashes(self, md: ModelDeployment, placement: Placement) -> str:
@@ -143,7 +151,7 @@ class LocalServingBackend:
         folder = self._dir(md) / "servers"
         folder.mkdir(parents=True, exist_ok=True)
         wanted = [placement.stable] + ([placement.canary] if placement.canary else [])
-        ports = {s.version: self._ensure_server(md, s, folder) for s in wanted}
+        ports = {s.version: self._ensure_server(md, placement, s, folder) for s in wanted}
         write_targets(
             self.targets_dir,
             self._key(md),
@@ -167,7 +175,9 @@ class LocalServingBackend:
                 _stop(json.loads(state.read_text())["pid"])
                 state.unlink()
 
-    def _ensure_server(self, md: ModelDeployment, served: Served, folder: Path) -> int:
+    def _ensure_server(
+        self, md: ModelDeployment, placement: Placement, served: Served, folder: Path
+    ) -> int:
         state = folder / f"{served.version}.json"
         log_path = folder / f"{served.version}.log"
         crash = folder / f"{served.version}.crash"
@@ -195,7 +205,7 @@ class LocalServingBackend:
             "--http-port",
             str(port),
         ]
-        args += runtime_options(serving)
+        args += runtime_options(serving, placement)
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 args,

@@ -25,9 +25,9 @@ from kubeloop.backends.registry import Registry
 from kubeloop.handlers import daemon
 from kubeloop.handlers.errors import reconciler
 from kubeloop.handlers.startup import Context, context
-from kubeloop.planning import canary
+from kubeloop.planning import canary, naming
 from kubeloop.planning import registry as rules
-from kubeloop.planning.placement import Placement, Served, ServingState
+from kubeloop.planning.placement import Placement, ServingState, build_placement
 
 
 @dataclass(frozen=True)
@@ -38,20 +38,27 @@ class Observed:
     versions: dict[str, ModelVersion]  # by name: the stable and the target version
     serving: ServingState
     measured: Measured | None
+    prediction_edges: tuple[float, ...] = ()  # shared by every version of the model
 
 
 def placement(
-    versions: dict[str, ModelVersion], stable: str | None, canary_: str | None, weight: int
+    ctx: Context,
+    md: ModelDeployment,
+    versions: dict[str, ModelVersion],
+    decided: tuple[str | None, str | None, int],
+    edges: tuple[float, ...],
 ) -> Placement | None:
-    """The placement to serve, when the stable version is known."""
-    if stable is None or stable not in versions:
-        return None
-
-    def served(mv: ModelVersion) -> Served:
-        return Served(mv.name, mv.spec.artifact.uri, mv.spec.artifact.format)
-
-    extra = served(versions[canary_]) if canary_ in versions else None
-    return Placement(served(versions[stable]), extra, weight)
+    """The placement to serve: the versions and the weight ``decided``, the request log under
+    the tenant's prefix, the model's shared prediction edges (None: no stable version yet)."""
+    cfg, backend = ctx.settings, md.spec.serving.backend
+    log_uri = naming.request_log_uri(
+        md.namespace,
+        md.name,
+        artifact_root=str(cfg.artifact_root),
+        object_store_prefix=cfg.object_store_prefix,
+        remote=(backend if backend != "default" else cfg.serving_backend) == "kserve",
+    )
+    return build_placement(versions, decided, request_log_uri=log_uri, prediction_edges=edges)
 
 
 async def _run_registered(ctx: Context, md: ModelDeployment) -> str | None:
@@ -86,12 +93,16 @@ async def observe(
         serving_canary = registry.get(md.namespace, status.canary.model_version)
         if serving_canary is not None:
             known[serving_canary.name] = serving_canary
+    model = next(iter(known.values())).spec.model_name if known else ""
+    edges = rules.shared_prediction_edges(versions, model)
     current = placement(
+        ctx,
+        md,
         known,
-        status.stable.model_version or target.version,
-        status.canary.model_version,
-        status.canary.weight,
-    )
+        (status.stable.model_version or target.version, status.canary.model_version,
+         status.canary.weight),
+        edges,
+    )  # fmt: skip
     backend = ctx.serving_backend(md.spec.serving.backend)
     seen = ServingState(False, False)
     if current is not None:
@@ -108,7 +119,7 @@ async def observe(
             candidate=status.canary.model_version,
             now=now,
         )
-    return Observed(target, known, seen, measured)
+    return Observed(target, known, seen, measured, edges)
 
 
 async def reconcile_deployment(
@@ -128,7 +139,8 @@ async def reconcile_deployment(
         now=now,
     )
     status = decision.status
-    wanted = placement(seen.versions, decision.stable, decision.canary, decision.weight)
+    decided = (decision.stable, decision.canary, decision.weight)
+    wanted = placement(ctx, md, seen.versions, decided, seen.prediction_edges)
     problem = ""
     if wanted is not None:
         try:

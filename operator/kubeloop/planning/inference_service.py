@@ -57,7 +57,7 @@ from kubeloop.api.common import ComputeResources, Toleration
 from kubeloop.api.model_deployment import ModelDeployment, Serving
 from kubeloop.contract.labels import KUEUE_QUEUE_LABEL
 from kubeloop.planning.naming import child_name
-from kubeloop.planning.placement import Placement, Served, runtime_options
+from kubeloop.planning.placement import Placement, Served, readiness_path, runtime_options
 
 KSERVE_API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
@@ -114,18 +114,18 @@ def build_inference_service(
     canaries: list[dict[str, Any]] = []
     if serving.deployment_mode == "Serverless":
         if canary is None:
-            predictor = _predictor(md, placement.stable, uri_of, image)
+            predictor = _predictor(md, placement, placement.stable, uri_of, image)
         else:
-            predictor = _predictor(md, canary, uri_of, image)
+            predictor = _predictor(md, placement, canary, uri_of, image)
             predictor["canaryTrafficPercent"] = weight
     else:
-        predictor = _predictor(md, placement.stable, uri_of, image)
+        predictor = _predictor(md, placement, placement.stable, uri_of, image)
         predictor["name"] = predictor_name(name, placement.stable.version)
         if canary is not None and weight > 0:
             canaries.append(
                 {
                     "trafficPercent": weight,
-                    "predictor": _canary_predictor(md, canary, uri_of, image),
+                    "predictor": _canary_predictor(md, placement, canary, uri_of, image),
                 }
             )
     predictor |= _replicas_and_scaling(serving)
@@ -189,12 +189,16 @@ def cluster_storage_uri(uri: str, version: str = "") -> str:
 
 
 def _predictor(
-    md: ModelDeployment, served: Served, uri_of: Callable[[Served], str], image: str
+    md: ModelDeployment,
+    placement: Placement,
+    served: Served,
+    uri_of: Callable[[Served], str],
+    image: str,
 ) -> dict[str, Any]:
     serving = md.spec.serving
     predictor: dict[str, Any] = {
         "labels": {MODEL_VERSION_LABEL: served.version},
-        "containers": [_container(md, served, uri_of, image)],
+        "containers": [_container(md, placement, served, uri_of, image)],
     }
     resources = serving.resources
     if resources.node_selector:
@@ -205,10 +209,14 @@ def _predictor(
 
 
 def _canary_predictor(
-    md: ModelDeployment, served: Served, uri_of: Callable[[Served], str], image: str
+    md: ModelDeployment,
+    placement: Placement,
+    served: Served,
+    uri_of: Callable[[Served], str],
+    image: str,
 ) -> dict[str, Any]:
     """A ``spec.canary[].predictor``: named after its version, no autoscaling fields."""
-    predictor = _predictor(md, served, uri_of, image)
+    predictor = _predictor(md, placement, served, uri_of, image)
     predictor["name"] = predictor_name(md.metadata.name, served.version)
     if md.spec.serving.min_replicas == 0:
         # KServe derives a canary's replicas from the stable's minReplicas times its share;
@@ -218,7 +226,11 @@ def _canary_predictor(
 
 
 def _container(
-    md: ModelDeployment, served: Served, uri_of: Callable[[Served], str], image: str
+    md: ModelDeployment,
+    placement: Placement,
+    served: Served,
+    uri_of: Callable[[Served], str],
+    image: str,
 ) -> dict[str, Any]:
     serving = md.spec.serving
     args = [
@@ -233,7 +245,7 @@ def _container(
     ]
     if serving.grpc:
         args += ["--grpc-port", str(GRPC_PORT)]
-    args += runtime_options(serving)
+    args += runtime_options(serving, placement)
     ports: list[dict[str, Any]] = [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}]
     if serving.grpc and serving.deployment_mode == "RawDeployment":
         # Knative routes one port per container; a Deployment's Service can expose both.
@@ -247,7 +259,7 @@ def _container(
         "ports": ports,
         "resources": _resources(serving.resources),
         "readinessProbe": {
-            "httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
+            "httpGet": {"path": readiness_path(serving, md.metadata.name), "port": HTTP_PORT},
             "periodSeconds": 5,
         },
     }

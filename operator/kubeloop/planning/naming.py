@@ -37,3 +37,22 @@ def run_uri(
     if object_store_prefix:
         return f"{object_store_prefix.rstrip('/')}/{where}"
     return f"file://{artifact_root}/{where}"
+
+
+def request_log_uri(
+    namespace: str,
+    deployment: str,
+    *,
+    artifact_root: str,
+    object_store_prefix: str,
+    remote: bool = False,
+) -> str:
+    """Where a ModelDeployment's served requests are logged, under the tenant's prefix ('' for
+    a ``remote`` server, e.g. a KServe pod, without an object store: it cannot write the
+    operator's local artifact root)."""
+    if remote and not object_store_prefix:
+        return ""
+    where = f"{namespace}/serving/{deployment}/requests"
+    if object_store_prefix:
+        return f"{object_store_prefix.rstrip('/')}/{where}"
+    return f"file://{artifact_root}/{where}"

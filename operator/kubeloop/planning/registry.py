@@ -91,6 +91,21 @@ def incompatible(stable: ModelVersion | None, target: ModelVersion | None) -> st
     return ""
 
 
+def shared_prediction_edges(versions: Iterable[ModelVersion], model: str) -> tuple[float, ...]:
+    """The prediction-histogram edges every version of a regression ``model`` is bucketed on:
+    the first version's reference edges, carried forward, so stable, canary and reference
+    compare like with like. Classifiers need none (the runtime buckets scores on fixed edges)."""
+    ordered = sorted(
+        (v for v in versions if v.spec.model_name == model and v.spec.task == "regression"),
+        key=lambda v: v.spec.version,
+    )
+    for version in ordered:
+        reference = version.spec.prediction_reference
+        if reference is not None and len(reference.edges) >= 2:
+            return tuple(reference.edges)
+    return ()
+
+
 def next_version(versions: Iterable[int], *, after: int = 0) -> int:
     """The next free version number: one above the highest known (and above ``after``, a
     number just refused as taken)."""

@@ -1,17 +1,15 @@
-"""The model server: a ``kserve.Model`` that serves one kubeloop artifact
-(``python -m kubeloop.serving`` runs it in kserve's ModelServer).
+"""kserve's ``Model`` over a :class:`Predictor`: how kserve's own ModelServer serves a kubeloop
+artifact (``python -m kubeloop.serving --server kserve``), kept as the protocol reference that
+the runtime's app (``app``) is tested against side by side.
 
-It speaks KServe's V1 protocol (``{"instances": [[...], ...]}`` → ``{"predictions": ...}``) and
-V2 (one numeric input of shape [n, n_features] → one FP32 output), applies the training
-scaling, batches concurrent requests when asked, caches answers when asked, and counts every
-request (by status code), its duration and the feature/prediction distributions for drift.
+Requests reach it decoded by kserve (V1: a dict, or bytes without a JSON content type; V2: an
+``InferRequest``); the rows are read and checked by ``protocol``, as in the app, so both
+answer the same errors. Every request is counted by status code.
 """
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +22,10 @@ from kserve.protocol.infer_type import (  # type: ignore[import-untyped]
     InferResponse,
 )
 
-from kubeloop.serving.artifact import LoadedModel, load_model
-from kubeloop.serving.batching import Rows, Runner, make_runner
-from kubeloop.serving.cache import ResponseCache, rows_key
-from kubeloop.serving.metrics import ServingMetrics
-
-NUMERIC_DATATYPES = frozenset(
-    {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32"}
-)
+from kubeloop.serving import protocol
+from kubeloop.serving.app import load_predictor
+from kubeloop.serving.predictor import Predictor, ServingOptions
+from kubeloop.serving.protocol import ProtocolError, Rows, Signature
 
 
 class KubeloopModel(kserve.Model):  # type: ignore[misc]
@@ -44,40 +38,36 @@ class KubeloopModel(kserve.Model):  # type: ignore[misc]
         *,
         model_dir: str | Path,
         version: str,
-        max_batch_size: int = 1,
-        max_latency_ms: float = 5.0,
-        cache_size: int = 0,
-        cache_ttl_s: float = 300.0,
+        options: ServingOptions | None = None,
+        max_batch_rows: int = protocol.DEFAULT_MAX_BATCH_ROWS,
     ) -> None:
-        super().__init__(name)
+        # Response headers on: every answer carries X-Request-Id.
+        super().__init__(name, return_response_headers=True)
         self.model_dir = Path(model_dir)
         self.version = version
-        self.max_batch_size = max_batch_size
-        self.max_latency_ms = max_latency_ms
-        self.cache_size = cache_size
-        self.cache_ttl_s = cache_ttl_s
-        self._model: LoadedModel | None = None
-        self._runner: Runner | None = None
-        self._cache: ResponseCache | None = None
-        self._metrics: ServingMetrics | None = None
-
-    @property
-    def runner(self) -> Runner | None:
-        return self._runner
+        self.options = options or ServingOptions()
+        self.max_batch_rows = max_batch_rows
+        self.predictor: Predictor | None = None
+        self.signature: Signature | None = None
 
     def load(self) -> bool:
         """Load the artifact (raises ArtifactError with the reason when it cannot be loaded)."""
-        model = load_model(self.model_dir)
-        self._model = model
-        self._metrics = ServingMetrics(
-            self.name, self.version, task=model.task, reference=model.reference
-        )
-        self._runner = make_runner(
-            model.predict, max_batch_size=self.max_batch_size, max_latency_ms=self.max_latency_ms
-        )
-        self._cache = ResponseCache(self.cache_size, self.cache_ttl_s) if self.cache_size else None
+        predictor = load_predictor(self.name, self.version, self.model_dir, self.options)
+        self.predictor = predictor
+        self.signature = Signature.of(predictor.model, self.name, self.version, self.max_batch_rows)
         self.ready = True
         return True
+
+    def _loaded(self) -> tuple[Predictor, Signature]:
+        if self.predictor is None or self.signature is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        return self.predictor, self.signature
+
+    def get_input_types(self) -> list[dict[str, object]]:
+        return protocol.input_metadata(self._loaded()[1])
+
+    def get_output_types(self) -> list[dict[str, object]]:
+        return protocol.output_metadata(self._loaded()[1])
 
     async def predict(
         self,
@@ -85,112 +75,86 @@ class KubeloopModel(kserve.Model):  # type: ignore[misc]
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> dict[str, Any] | InferResponse:
-        if self._metrics is None:
-            raise RuntimeError(f"model {self.name!r} is not loaded")
+        predictor, signature = self._loaded()
         start = time.perf_counter()
-        code = "500"
+        headers = headers or {}
+        rid = protocol.request_id(headers.get("x-request-id"), headers.get("ce-id"))
+        code = "500"  # a model exception is re-raised, and kserve answers 500 too
         try:
-            response = await self._answer(payload)
+            if isinstance(payload, InferRequest):
+                rid = payload.id or rid
+                rows, binary = self._v2_rows(payload, signature)
+                outputs = await predictor.predict(rows, request_id=rid)
+                response: dict[str, Any] | InferResponse = self._v2_response(
+                    rid, outputs, signature, payload, binary
+                )
+            else:
+                if isinstance(payload, bytes | bytearray):
+                    # kserve hands bodies sent without a JSON content type over undecoded.
+                    payload = protocol.decode_json(bytes(payload))
+                rows = protocol.v1_rows(payload, signature)
+                outputs = await predictor.predict(rows, request_id=rid)
+                # kserve encodes with orjson's numpy support (the same bytes as the app's),
+                # except CloudEvent answers, which the cloudevents SDK encodes with json.
+                predictions = outputs.tolist() if _cloudevent(headers) else outputs
+                response = {"predictions": predictions, "model_version": signature.version}
             code = "200"
-            return response
-        except InvalidInput:
-            code = "400"
-            raise
+        except ProtocolError as error:
+            code = str(error.status)
+            raise InvalidInput(error.message) from None
         finally:
-            # A model exception counts as 500 and is re-raised, so kserve answers 500 too.
-            self._metrics.request(code, time.perf_counter() - start)
+            predictor.metrics.request(code, time.perf_counter() - start)
+        if response_headers is not None:
+            response_headers["x-request-id"] = rid
+        return response
 
-    async def _answer(
-        self, payload: dict[str, Any] | InferRequest
-    ) -> dict[str, Any] | InferResponse:
-        if isinstance(payload, bytes | bytearray):
-            # kserve hands V1 bodies sent without a JSON content type over undecoded.
-            try:
-                payload = json.loads(payload)
-            except ValueError as exc:
-                raise InvalidInput(f"request body is not JSON: {exc}") from None
-        if isinstance(payload, InferRequest):
-            outputs = await self._infer(self._v2_rows(payload))
-            return self._v2_response(payload, outputs)
-        if isinstance(payload, dict):
-            outputs = await self._infer(self._v1_rows(payload))
-            return {"predictions": outputs.tolist(), "model_version": self.version}
-        raise InvalidInput(
-            f"unsupported request body of type {type(payload).__name__}; expected V1 JSON "
-            '{"instances": [[...], ...]} or a V2 inference request'
-        )
-
-    async def _infer(self, rows: Rows) -> Rows:
-        assert self._runner is not None
-        assert self._metrics is not None
-        key = rows_key(rows) if self._cache is not None else b""
-        cached = self._cache.get(key) if self._cache is not None else None
-        if cached is not None:
-            outputs = cached
-        else:
-            outputs = await self._runner.submit(rows)
-            if self._cache is not None:
-                self._cache.put(key, outputs)
-        self._metrics.observe(rows, outputs)
-        return outputs
-
-    def _checked(self, rows: Any, field: str) -> Rows:
-        assert self._model is not None
-        try:
-            return self._model.check_rows(rows)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"{field}: {exc}") from None
-
-    def _v1_rows(self, payload: dict[str, Any]) -> Rows:
-        instances = payload.get("instances")
-        if not isinstance(instances, list):
-            raise InvalidInput(
-                f'"instances" must be a list of rows of {self._feature_count()} numbers; '
-                f"got {type(instances).__name__}"
-            )
-        try:
-            rows = np.asarray(instances, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(
-                f'"instances" must be rows of {self._feature_count()} numbers each: {exc}'
-            ) from None
-        return self._checked(rows, '"instances"')
-
-    def _v2_rows(self, request: InferRequest) -> Rows:
-        if len(request.inputs) != 1:
-            raise InvalidInput(
-                f"V2 request has {len(request.inputs)} inputs; expected exactly 1 tensor of "
-                f"shape [n, {self._feature_count()}]"
-            )
+    @staticmethod
+    def _v2_rows(request: InferRequest, signature: Signature) -> tuple[Rows, bool]:
+        protocol.one_input(len(request.inputs), signature)
         tensor = request.inputs[0]
-        if tensor.datatype not in NUMERIC_DATATYPES:
-            raise InvalidInput(
-                f"input {tensor.name!r} has datatype {tensor.datatype}; expected FP32 "
-                f"(or another numeric type: {', '.join(sorted(NUMERIC_DATATYPES))})"
-            )
-        try:
-            array = tensor.as_numpy()
-        except ValueError as exc:
-            raise InvalidInput(
-                f"input {tensor.name!r}: data does not fit its shape: {exc}"
-            ) from None
-        return self._checked(array, f"input {tensor.name!r}")
+        # kserve keeps raw (gRPC raw_input_contents) bytes in a private field; JSON data and
+        # gRPC contents are lists in ``data``.
+        raw = getattr(tensor, "_raw_data", None)
+        if raw is None and tensor.datatype == "FP16":
+            # kserve refuses FP16 in JSON itself: these values came binary, decoded by kserve.
+            raw = np.asarray(tensor.data, dtype="<f2").tobytes()
+        if raw is not None:
+            rows = protocol.raw_tensor_rows(
+                raw, datatype=tensor.datatype, shape=tensor.shape, field="inputs[0]",
+                signature=signature,
+            )  # fmt: skip
+        else:
+            contents = protocol.GRPC_CONTENTS.get(tensor.datatype)
+            rows = protocol.tensor_rows(
+                tensor.data, name=tensor.name, datatype=tensor.datatype, shape=tensor.shape,
+                field="inputs[0]", signature=signature,
+                # name the field the values came in, as the runtime's gRPC server does
+                data_field=f"inputs[0].contents.{contents[0]}"
+                if request.from_grpc and contents else "",
+            )  # fmt: skip
+        requested = request.request_outputs or []
+        protocol.checked_outputs([o.name for o in requested], signature)
+        return rows, bool(request.use_binary_outputs)
 
-    def _v2_response(self, request: InferRequest, outputs: Rows) -> InferResponse:
-        assert self._model is not None
-        name = "probabilities" if self._model.task == "classification" else "predictions"
-        output = InferOutput(name=name, shape=list(outputs.shape), datatype="FP32")
-        output.set_data_from_numpy(np.asarray(outputs, dtype=np.float32), binary_data=False)
+    @staticmethod
+    def _v2_response(
+        rid: str, outputs: Rows, signature: Signature, request: InferRequest, binary: bool
+    ) -> InferResponse:
+        output = InferOutput(name=signature.output_name, shape=list(outputs.shape), datatype="FP32")
+        output.set_data_from_numpy(outputs, binary_data=binary)
         return InferResponse(
             # kserve 0.21 answers 500 when the response has no id: keep the client's or make one.
-            response_id=request.id or str(uuid.uuid4()),
-            model_name=self.name,
-            model_version=self.version,
+            response_id=rid,
+            model_name=signature.model,
+            model_version=signature.version,
             infer_outputs=[output],
+            use_binary_outputs=binary,
+            requested_outputs=request.request_outputs,
         )
 
-    def _feature_count(self) -> int:
-        return self._model.n_features if self._model is not None else 0
 
-    def stop(self) -> None:
-        super().stop()
+def _cloudevent(headers: dict[str, str]) -> bool:
+    """Whether kserve answers this request as a CloudEvent (binary or structured mode)."""
+    return "ce-specversion" in headers or (
+        headers.get("content-type") == "application/cloudevents+json"
+    )

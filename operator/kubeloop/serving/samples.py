@@ -1,6 +1,8 @@
 """Sample models for the demo, the tests and the benchmarks: a real torch MLP trained on
-scikit-learn's bundled breast-cancer data (30 features, 2 classes, seconds on a CPU), and an
-artifact that loads but fails at inference (to exercise rollbacks)."""
+scikit-learn's bundled breast-cancer data (30 features, 2 classes, seconds on a CPU), and two
+bad canaries: an artifact that loads but fails at inference (the error-rate check rolls it
+back) and one that answers every request but with shifted predictions (only the
+prediction-shift check can tell)."""
 
 from __future__ import annotations
 
@@ -57,8 +59,14 @@ class Standardise(torch.nn.Module):
         return (x - self.get_buffer("mean")) / self.get_buffer("scale")
 
 
-def train_tabular_model(directory: str | Path, *, seed: int = 0, epochs: int = 20) -> Path:
-    """Train a real MLP (standard scaling, Adam, mini-batches) and save it as an artifact."""
+def train_tabular_model(
+    directory: str | Path, *, seed: int = 0, epochs: int = 20, skewed: bool = False
+) -> Path:
+    """Train a real MLP (standard scaling, Adam, mini-batches) and save it as an artifact.
+
+    ``skewed``: save it without its scaling, the classic training/serving skew (a preprocessing
+    step lost on the way to production): it loads, answers every request with status 200 and
+    plausible latency, and its predictions are shifted (see :func:`write_skewed_model`)."""
     torch.manual_seed(seed)
     x, y, names = breast_cancer()
     mean, scale = x.mean(axis=0), x.std(axis=0)
@@ -87,10 +95,19 @@ def train_tabular_model(directory: str | Path, *, seed: int = 0, epochs: int = 2
         task="classification",
         features=names,
         classes=CLASSES,
-        mean=mean.tolist(),
-        scale=scale.tolist(),
+        mean=[0.0] * len(names) if skewed else mean.tolist(),
+        scale=[1.0] * len(names) if skewed else scale.tolist(),
         reference=reference,
+        check_rows=x,
     )
+
+
+def write_skewed_model(directory: str | Path, *, seed: int = 0) -> Path:
+    """A bad canary that no error or latency check catches: the breast-cancer MLP served
+    without the standard scaling it was trained with, so raw values of hundreds reach a network
+    that expects z-scores and its scores pile up at the extremes. Its ``model.json`` still
+    carries the correct training reference, as a real skewed deployment would."""
+    return train_tabular_model(directory, seed=seed, skewed=True)
 
 
 def write_broken_model(directory: str | Path) -> Path:

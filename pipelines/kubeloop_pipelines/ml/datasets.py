@@ -1,6 +1,7 @@
 """Where training data comes from and what it looks like: reading tables from file://, s3:// and
-gs:// (``builtin://`` datasets come from ml/builtin_datasets.py), schema inference and the
-seeded train/validation/test split.
+gs:// (``builtin://`` datasets come from ml/builtin_datasets.py; ``format: requestLog`` reads
+a serving request log, serving/request_log.py), schema inference and the seeded
+train/validation/test split.
 """
 
 from __future__ import annotations
@@ -106,7 +107,57 @@ def load_data(
     """The whole table ``data.uri`` points at (a built-in dataset or a file)."""
     if data.uri.startswith("builtin://"):
         return load_builtin(data.uri.removeprefix("builtin://"))
+    if data.format == "requestLog":
+        return load_request_log(data, storage_options=storage_options)
     return read_table(data.uri, data.format, storage_options=storage_options)
+
+
+def load_request_log(
+    data: DataSource, *, storage_options: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
+    """A serving request log (``format: requestLog``) as a table: one row a served row, the
+    features in the served signature's order (or ``data.features``'), then the fed-back label
+    as the target column ``data.target`` (null where no label came; ingest drops those)."""
+    from kubeloop.serving.request_log_reader import RequestLogError, read_request_log
+
+    try:
+        log = read_request_log(
+            data.uri, features=data.features or None, storage_options=storage_options
+        )
+    except RequestLogError as exc:
+        raise StepError(str(exc), field=f"data.{exc.field}") from exc
+    except FileNotFoundError:
+        raise StepError(
+            f"data.uri={data.uri} does not exist; point it at a ModelDeployment's request log",
+            field="data.uri",
+        ) from None
+    except PermissionError as exc:
+        raise StepError(
+            f"data.uri={data.uri} cannot be read: permission denied ({exc}); check "
+            "data.credentialsSecret",
+            field="data.uri",
+        ) from exc
+    except (ValueError, OSError) as exc:  # pyarrow's errors derive from these
+        raise StepError(
+            f"data.uri={data.uri} cannot be read as a request log: {exc}",
+            field="data.uri",
+            permanent=not isinstance(exc, OSError),
+        ) from exc
+    if data.target in log.features:
+        raise StepError(
+            f"data.target={data.target!r} is a feature of the request log; name the label "
+            f"column something else (features: {_preview(log.features)})",
+            field="data.target",
+        )
+    if log.task != data.task:
+        raise StepError(
+            f"data.task={data.task!r}, but the request log is of a {log.task} model; its "
+            f"labels are {'class names' if log.task == 'classification' else 'numbers'}",
+            field="data.task",
+        )
+    frame = log.frame.loc[:, [*log.features, "label"]].rename(columns={"label": data.target})
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,13 @@ from kubeloop.api.training_run import (
     TrainingRunSpec,
 )
 from kubeloop.contract.evaluation import QUALITY_METRICS_BY_TASK
-from kubeloop.contract.reference import reference_from_data
+from kubeloop.contract.reference import (
+    IMAGE,
+    TEXT,
+    image_summary,
+    reference_from_data,
+    text_summary,
+)
 from kubeloop.serving.artifact import save_model
 from kubeloop_pipelines.contract import (
     ARCH_FILE,
@@ -550,17 +556,32 @@ def train_prepared(
     )
 
 
-def _nan_free(rows: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
-    """Raw rows with missing values imputed by the column median (0 for an empty column), so
-    the reference quantiles describe the values that were there."""
-    data = np.array(rows, dtype=np.float64)
-    missing = ~np.isfinite(data)
-    if missing.any():
-        with np.errstate(all="ignore"):
-            medians = np.nanmedian(np.where(missing, np.nan, data), axis=0)
-        medians = np.where(np.isfinite(medians), medians, 0.0)
-        data[missing] = np.take(medians, np.nonzero(missing)[1])
-    return data
+def reference_summary(prepared: Prepared) -> dict[str, Any] | None:
+    """How the reference describes the inputs: per-row summary features for text (sequence
+    length, out-of-vocabulary rate) and images (brightness, contrast), whose columns are token
+    positions or pixels; None for tables, whose columns are the features."""
+    if prepared.modality == TEXT:
+        return text_summary(prepared.vocab_size)
+    if prepared.modality == IMAGE:
+        return image_summary()
+    return None
+
+
+def model_reference(serving: nn.Module, prepared: Prepared) -> dict[str, Any]:
+    """The drift reference of a serving module: the feature histograms of the raw train rows
+    (NaN counted as missing, not imputed) and the prediction histogram of its outputs on the
+    validation rows (the train split's when there are none), on the shared edges."""
+    features = [str(f) for f in prepared.serving_features]
+    validation = np.asarray(prepared.serving_rows("validation"), dtype=np.float32)
+    train_rows = np.asarray(prepared.serving_rows("train"), dtype=np.float32)
+    scored = validation if len(validation) else train_rows
+    return reference_from_data(
+        train_rows,
+        features,
+        predict(serving, scored, prepared.task),
+        task=prepared.task,
+        summary=reference_summary(prepared),
+    )
 
 
 def serving_module(network: nn.Module, prepared: Prepared) -> nn.Module:
@@ -578,8 +599,9 @@ def save_trained(
     params: Mapping[str, Any],
 ) -> Path:
     """Write the model directory (``contract.py``): the serving artifact with the transforms
-    baked in (``model.pt2`` + ``model.json``, reference distributions from the train rows),
-    ``arch.json``, ``state.pt``, ``history.json`` and ``params.json``."""
+    baked in (``model.pt2`` + ``model.json``: the modality, the reference of
+    :func:`model_reference`, the bf16 check on the validation rows), ``arch.json``,
+    ``state.pt``, ``history.json`` and ``params.json``."""
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     network = result.module.cpu().eval()
@@ -590,11 +612,6 @@ def save_trained(
 
     features = [str(f) for f in prepared.serving_features]
     serving = serving_module(network, prepared)
-    rows = np.asarray(prepared.serving_rows("train"), dtype=np.float32)
-    outputs = predict(serving, rows, prepared.task)
-    reference = reference_from_data(
-        _nan_free(rows), features, _nan_free(outputs), task=prepared.task
-    )
     width = len(features)
     save_model(
         out,
@@ -604,7 +621,9 @@ def save_trained(
         classes=[str(c) for c in prepared.classes] if prepared.task == "classification" else (),
         mean=[0.0] * width,
         scale=[1.0] * width,
-        reference=reference,
+        reference=model_reference(serving, prepared),
+        modality=prepared.modality,
+        check_rows=prepared.serving_rows("validation"),
     )
     return out
 

@@ -2,7 +2,8 @@
 the raw-dataset layout (``train/validation/test.parquet`` + ``schema.json``, see contract.py).
 
 Rows without a target value cannot be learned from or scored, so they are dropped here (and
-counted in the metrics); everything else is left for preprocess to clean.
+counted in the metrics: for a request log, the requests no label came for); everything else is
+left for preprocess to clean.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def run(
     n_read, n_columns = frame.shape
     selected = datasets.select_columns(frame, data)
     labelled = selected.loc[selected[data.target].notna()].reset_index(drop=True)
+    if labelled.empty and data.format == "requestLog":
+        raise StepError(
+            f"none of the {n_read} logged rows in {data.uri} has a label yet; feed labels "
+            "back (POST .../feedback with the response's request id) before training on it",
+            field="data.uri",
+        )
     if labelled.empty:
         raise StepError(
             f"data.target={data.target!r} is empty in every one of the {n_read} rows of "

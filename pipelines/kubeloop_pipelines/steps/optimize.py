@@ -29,7 +29,7 @@ from torch import nn
 from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop.contract.artifact import METADATA_FILE, PROGRAM_FILE
 from kubeloop.contract.evaluation import QUALITY_METRICS_BY_TASK
-from kubeloop.contract.reference import prediction_score, quantile_histogram
+from kubeloop.contract.reference import histogram, prediction_edges, prediction_score
 from kubeloop_pipelines.contract import (
     ARCH_FILE,
     HISTORY_FILE,
@@ -136,17 +136,26 @@ def _write_model_dir(
 def _refresh_prediction_reference(
     optimized_dir: Path, chosen: opt.Variant, prepared: Prepared
 ) -> None:
-    """The chosen variant's own prediction distribution on the train rows in ``model.json``
-    (drift detection compares traffic with it); the feature references stay as they are."""
+    """The chosen variant's own prediction histogram in ``model.json``, as the train step
+    computes it (``ml/train.py`` ``model_reference``): its outputs on the validation rows, on
+    the edges the trained model's reference already uses (shared by every version of the
+    model: fixed for classifiers, the trained model's for regression). The feature references
+    stay as they are."""
     assert chosen.program is not None
     meta_path = optimized_dir / METADATA_FILE
     meta = json.loads(meta_path.read_text())
-    rows = np.asarray(prepared.serving_rows("train"), dtype=np.float32)
+    task = str(meta["task"])
+    rows = np.asarray(prepared.serving_rows("validation"), dtype=np.float32)
+    if not len(rows):
+        rows = np.asarray(prepared.serving_rows("train"), dtype=np.float32)
     with torch.inference_mode():
-        out = chosen.program.module()(torch.from_numpy(rows))
-        out = torch.softmax(out, dim=1) if meta["task"] == "classification" else out.reshape(-1)
-    scores = prediction_score(meta["task"], np.nan_to_num(out.numpy().astype(np.float64)))
-    meta.setdefault("reference", {})["prediction"] = quantile_histogram(scores)
+        out = chosen.program.module()(torch.from_numpy(rows)).float()
+        out = torch.softmax(out, dim=1) if task == "classification" else out.reshape(-1)
+    scores = prediction_score(task, out.numpy().astype(np.float64))
+    reference = meta.setdefault("reference", {})
+    trained = (reference.get("prediction") or {}).get("edges") or ()
+    edges = prediction_edges(task, scores, shared=trained if task != "classification" else ())
+    reference["prediction"] = histogram(scores, edges)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 

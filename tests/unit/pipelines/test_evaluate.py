@@ -14,6 +14,7 @@ import pytest
 from kubeloop.api.model_version import ModelVersionSpec
 from kubeloop.api.training_run import Gate, TrainingRunSpec
 from kubeloop.contract.artifact import METADATA_FILE, REGISTRY_FORMAT, digest
+from kubeloop.contract.reference import CLASSIFIER_EDGES
 from kubeloop.contract.steps import MANIFEST_FILE, MODEL_DIR
 from kubeloop.serving.artifact import load_model
 from kubeloop.serving.samples import breast_cancer, train_tabular_model
@@ -292,7 +293,9 @@ def test_register_step_carries_the_feature_and_prediction_references(
     prediction = spec_out["predictionReference"]
     assert prediction["edges"] == reference["prediction"]["edges"]
     assert prediction["fractions"] == reference["prediction"]["fractions"]
-    assert len(prediction["edges"]) == len(prediction["fractions"]) + 1 >= 2
+    # one fraction a bucket, then the missing share; on the classifier's fixed score edges
+    assert len(prediction["edges"]) == len(prediction["fractions"]) >= 2
+    assert prediction["edges"] == list(CLASSIFIER_EDGES)
     assert [f["name"] for f in spec_out["reference"]] == model_json["features"]
     for feature in spec_out["reference"]:
         expected = reference["features"][feature["name"]]

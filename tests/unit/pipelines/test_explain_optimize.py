@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kubeloop.api.training_run import TrainingRunSpec
+from kubeloop.contract.reference import CLASSIFIER_EDGES, histogram, prediction_score
 from kubeloop.serving.artifact import load_model
 from kubeloop.serving.samples import Standardise
 from kubeloop_pipelines.contract import StepError, StepResult
@@ -306,5 +307,14 @@ def test_optimize_step_measures_variants_and_writes_the_chosen_one(
         np.testing.assert_allclose(served, eager, atol=1e-5)
     if chosen == "distilled":
         assert arch["hidden_layers"] == [8]
+    # model.json's prediction reference is the chosen program's, on the validation rows and
+    # the classifier's fixed edges (what the drift and canary checks compare traffic with)
+    reference = json.loads((optimized / "model.json").read_text())["reference"]["prediction"]
+    validation_rows = prepared.serving_rows("validation")
+    scores = prediction_score("classification", load_model(optimized).predict(validation_rows))
+    assert reference["edges"] == list(CLASSIFIER_EDGES)
+    assert reference["fractions"] == pytest.approx(
+        histogram(scores, CLASSIFIER_EDGES)["fractions"], abs=1.5 / len(validation_rows)
+    )
     assert (tmp_path / "run" / "reports" / "optimization.html").is_file()
     assert "distilled" in (tmp_path / "optimization.html").read_text()

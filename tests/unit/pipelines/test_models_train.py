@@ -21,7 +21,19 @@ from kubeloop.api.training_run import (
     ModelSpec,
     TrainingRunSpec,
 )
+from kubeloop.contract.reference import (
+    CLASSIFIER_EDGES,
+    IMAGE_SUMMARY,
+    MISSING,
+    TEXT_SUMMARY,
+    histogram,
+    labelled_fractions,
+    prediction_score,
+    quantile_edges,
+    text_summary,
+)
 from kubeloop.serving.artifact import load_model
+from kubeloop.serving.metrics import ServingMetrics
 from kubeloop_pipelines.contract import StepError, read_json
 from kubeloop_pipelines.ml.evaluate import compute_metrics
 from kubeloop_pipelines.ml.imbalance import FocalLoss, class_weights, resample
@@ -30,6 +42,7 @@ from kubeloop_pipelines.ml.preprocess import Prepared, load_prepared
 from kubeloop_pipelines.ml.train import (
     fit,
     load_trained,
+    model_reference,
     predict,
     score,
     serving_module,
@@ -500,6 +513,52 @@ def test_train_step_saves_a_servable_model_for_every_modality(
         assert np.isfinite(out).all()
     else:
         assert out.shape == (5, prepared.n_classes)
+
+    # model.json says the modality; the reference describes what drift can compare
+    meta = read_json(tmp_path / "model" / "model.json")
+    assert meta["modality"] == served.modality == prepared.modality
+    reference = meta["reference"]
+    if prepared.modality == "text":
+        assert list(reference["features"]) == list(TEXT_SUMMARY)  # not one per token position
+        assert reference["summary"] == text_summary(prepared.vocab_size)
+    elif prepared.modality == "image":
+        assert list(reference["features"]) == list(IMAGE_SUMMARY)  # not one per pixel
+    else:
+        assert list(reference["features"]) == prepared.serving_features
+    # the prediction histogram is the validation split's, on the edges versions share
+    scores = prediction_score(
+        prepared.task,
+        predict(serving_module(net, prepared), prepared.serving_rows("validation"), prepared.task),
+    )
+    edges = list(CLASSIFIER_EDGES) if prepared.task == "classification" else quantile_edges(scores)
+    assert reference["prediction"]["edges"] == pytest.approx(edges)
+    assert reference["prediction"]["fractions"] == pytest.approx(
+        histogram(scores, edges)["fractions"], abs=1e-6
+    )
+    # and the runtime counts served rows into exactly those features
+    metrics = ServingMetrics("m", f"{name}-v1", task=served.task, reference=served.reference)
+    assert metrics.feature_names == list(reference["features"])
+    metrics.observe(rows, out)
+
+
+def test_reference_counts_missing_values_as_missing_not_imputed(
+    fraud: tuple[TrainingRunSpec, Prepared],
+) -> None:
+    """The fraud table has missing values: each feature's missing share is the raw train
+    rows' NaN share, and the bucket edges are quantiles of the values that are there."""
+    spec, prepared = fraud
+    network = train_prepared(spec, prepared, {"epochs": 1}).module
+    reference = model_reference(serving_module(network, prepared), prepared)
+    train_rows = prepared.serving_rows("train")
+    with_missing = 0
+    for i, feature in enumerate(prepared.serving_features):
+        column = train_rows[:, i]
+        share = float(np.isnan(column).mean())
+        hist = reference["features"][feature]
+        assert labelled_fractions(hist)[MISSING] == pytest.approx(share)
+        assert hist["edges"] == pytest.approx(quantile_edges(column[~np.isnan(column)]))
+        with_missing += share > 0
+    assert with_missing >= 1
 
 
 def test_train_step_uses_the_tuned_params(
