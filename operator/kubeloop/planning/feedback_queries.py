@@ -57,10 +57,7 @@ def class_recall(namespace: str, model: str, version: str, window: str, class_na
 
 def mae(namespace: str, model: str, version: str, window: str) -> str:
     """Mean absolute error of the labelled regression rows, in the target's units."""
-    base = metrics.FEEDBACK_ABSOLUTE_ERROR
-    total = _increase(f"{base}_sum", model, version, window)
-    count = _increase(f"{base}_count", model, version, window)
-    return _scoped(namespace, f"sum({total}) / sum({count})")
+    return _histogram_mean(metrics.FEEDBACK_ABSOLUTE_ERROR, namespace, model, version, window)
 
 
 def rmse(namespace: str, model: str, version: str, window: str) -> str:
@@ -74,9 +71,8 @@ def absolute_error_quantile(
     namespace: str, model: str, version: str, window: str, quantile: float
 ) -> str:
     """The ``quantile`` (0..1) of |error|, interpolated in its histogram buckets."""
-    _check_quantile(quantile)
-    buckets = _increase(f"{metrics.FEEDBACK_ABSOLUTE_ERROR}_bucket", model, version, window)
-    return _scoped(namespace, f"histogram_quantile({quantile!r}, sum by (le) ({buckets}))")
+    base = metrics.FEEDBACK_ABSOLUTE_ERROR
+    return _histogram_quantile(base, namespace, model, version, window, quantile=quantile)
 
 
 def labelled_rows(namespace: str, model: str, version: str, window: str) -> str:
@@ -119,19 +115,15 @@ def unmatched_labels(namespace: str, model: str, version: str, window: str) -> s
 
 def mean_label_delay_s(namespace: str, model: str, version: str, window: str) -> str:
     """Mean seconds from a prediction to its label, over the labels joined in the window."""
-    base = metrics.FEEDBACK_LABEL_DELAY
-    total = _increase(f"{base}_sum", model, version, window)
-    count = _increase(f"{base}_count", model, version, window)
-    return _scoped(namespace, f"sum({total}) / sum({count})")
+    return _histogram_mean(metrics.FEEDBACK_LABEL_DELAY, namespace, model, version, window)
 
 
 def label_delay_quantile_s(
     namespace: str, model: str, version: str, window: str, quantile: float
 ) -> str:
     """The ``quantile`` (0..1) of the label delay in seconds, interpolated in its buckets."""
-    _check_quantile(quantile)
-    buckets = _increase(f"{metrics.FEEDBACK_LABEL_DELAY}_bucket", model, version, window)
-    return _scoped(namespace, f"histogram_quantile({quantile!r}, sum by (le) ({buckets}))")
+    base = metrics.FEEDBACK_LABEL_DELAY
+    return _histogram_quantile(base, namespace, model, version, window, quantile=quantile)
 
 
 def request_log_drops(
@@ -207,6 +199,20 @@ def _f1_by_class(model: str, version: str, window: str, class_name: str = "") ->
     # `> 0` drops classes neither labelled nor predicted in the window (0 / 0).
     tp, actual, predicted = _class_counts(model, version, window, class_name)
     return f"2 * {tp} / on ({_ACTUAL}) (({actual} + on ({_ACTUAL}) {predicted}) > 0)"
+
+
+def _histogram_mean(base: str, namespace: str, model: str, version: str, window: str) -> str:
+    total = _increase(f"{base}_sum", model, version, window)
+    count = _increase(f"{base}_count", model, version, window)
+    return _scoped(namespace, f"sum({total}) / sum({count})")
+
+
+def _histogram_quantile(
+    base: str, namespace: str, model: str, version: str, window: str, *, quantile: float
+) -> str:
+    _check_quantile(quantile)
+    buckets = _increase(f"{base}_bucket", model, version, window)
+    return _scoped(namespace, f"histogram_quantile({quantile!r}, sum by (le) ({buckets}))")
 
 
 def _increase(series: str, model: str, version: str, window: str, *matchers: str) -> str:
