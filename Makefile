@@ -110,6 +110,7 @@ bench: venv system-deps cluster-build ## benchmarks (bench/); each ends with a R
 	@$(PY) bench/train_throughput.py
 	@$(PY) bench/tune_efficiency.py
 	@$(PY) bench/optimize_int8.py
+	@$(PY) bench/drift_compute.py
 
 .PHONY: clean
 clean: ## remove local build state (keeps the caches)
