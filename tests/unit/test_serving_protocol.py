@@ -19,8 +19,9 @@ from prometheus_client import REGISTRY
 
 from kubeloop.serving import protocol
 from kubeloop.serving.__main__ import build_parser, main
-from kubeloop.serving.app import ServingApp, load_predictor
+from kubeloop.serving.app import ServingApp
 from kubeloop.serving.artifact import load_model
+from kubeloop.serving.launcher import load_predictor
 from kubeloop.serving.predictor import Predictor, ServingOptions
 from kubeloop.serving.protocol import ProtocolError, Signature
 from kubeloop.serving.samples import breast_cancer_rows, train_tabular_model, write_broken_model

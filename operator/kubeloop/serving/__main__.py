@@ -166,8 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--workers {args.workers}: the kubeloop server runs one process (its /metrics "
             "counters live there); run more replicas, or use --server kserve"
         )
-    from kubeloop.serving.app import OptionError
     from kubeloop.serving.artifact import ArtifactError
+    from kubeloop.serving.launcher import OptionError
     from kubeloop.serving.predictor import ServingOptions
 
     options = ServingOptions(
@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.server == "kserve":
             _serve_kserve(args, options)
         else:
-            from kubeloop.serving.app import Launch, run
+            from kubeloop.serving.launcher import Launch, run
 
             run(
                 Launch(

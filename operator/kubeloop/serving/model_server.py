@@ -23,7 +23,7 @@ from kserve.protocol.infer_type import (  # type: ignore[import-untyped]
 )
 
 from kubeloop.serving import protocol
-from kubeloop.serving.app import load_predictor
+from kubeloop.serving.launcher import load_predictor
 from kubeloop.serving.predictor import Predictor, ServingOptions
 from kubeloop.serving.protocol import ProtocolError, Rows, Signature
 
