@@ -21,10 +21,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import aiohttp
 import numpy as np
@@ -45,6 +44,7 @@ from kubeloop.serving.recording import attach
 from kubeloop.serving.request_log_reader import read_request_log
 from kubeloop.serving.samples import CLASSES, breast_cancer, mlp, train_tabular_model
 from tests.conftest import ROOT
+from tests.integration.polling import eventually
 
 try:
     prometheus_mod.find_binary()
@@ -52,7 +52,6 @@ except prometheus_mod.PrometheusNotInstalled as exc:
     pytest.skip(str(exc), allow_module_level=True)
 
 NS, OTHER, WINDOW = "team-a", "team-b", "15m"
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -80,19 +79,6 @@ class Served:
     predicted: list[str] = field(default_factory=list)  # and the predictions they joined
     waited: list[float] = field(default_factory=list)  # label delays (seconds)
     errors: list[float] = field(default_factory=list)  # regression: prediction - label
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], within: float = 30
-) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {value!r} after {within:.0f}s")
-        await asyncio.sleep(0.25)
 
 
 @pytest.fixture(scope="module")

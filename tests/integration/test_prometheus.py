@@ -7,16 +7,14 @@ planning module scoped.
 
 from __future__ import annotations
 
-import asyncio
 import http.server
 import json
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from hack import prometheus as prometheus_mod
@@ -32,6 +30,7 @@ from kubeloop.backends.prometheus import (
 )
 from kubeloop.backends.scrape_targets import remove_targets, write_targets
 from kubeloop.planning.promql import builtin_queries, scope_query
+from tests.integration.polling import eventually
 
 try:
     prometheus_mod.find_binary()
@@ -39,7 +38,6 @@ except prometheus_mod.PrometheusNotInstalled as exc:
     pytest.skip(str(exc), allow_module_level=True)
 
 NS, OTHER, MODEL = "team-a", "team-b", "churn"
-T = TypeVar("T")
 
 
 @dataclass
@@ -150,20 +148,6 @@ def client(prom: prometheus_mod.Prom) -> Iterator[PrometheusClient]:
         yield prometheus
     finally:
         prometheus.close()
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], within: float = 30
-) -> T:
-    """Poll ``probe`` until ``done(value)``; fail with the last value after ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {value!r} after {within:.0f}s")
-        await asyncio.sleep(0.25)
 
 
 async def test_scoped_query_sees_increments_of_its_own_namespace_only(

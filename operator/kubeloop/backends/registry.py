@@ -91,10 +91,9 @@ class Registry:
     async def register_attempt(
         self, tr: TrainingRun, status: TrainingRunStatus, run_uri: str
     ) -> None:
-        """Create the ModelVersion an attempt's register step described in its manifest, once
-        per attempt, as the next version of the model."""
-        if await self.registered_by(tr.namespace, tr.name, status.attempt):
-            return
+        """Create the ModelVersion an attempt's register step described in its manifest, as the
+        next version of the model. The caller has just seen (``registered_by``, in the same
+        pass) that the attempt registered nothing yet."""
         manifest = await asyncio.to_thread(RunStore(run_uri).read_json, MANIFEST_FILE)
         if manifest is None:
             raise ExecutorError(f"{run_uri}/{MANIFEST_FILE} is missing or unreadable", False)

@@ -64,7 +64,7 @@ def build_placement(
     return Placement(served(versions[stable]), extra, weight, request_log_uri, prediction_edges)
 
 
-def runtime_options(serving: Serving, placement: Placement | None = None) -> list[str]:
+def runtime_options(serving: Serving, placement: Placement) -> list[str]:
     """The serving runtime's flags, the same for every backend: batching and caching, the
     device (CUDA when the deployment requests GPUs), label feedback, the request log and the
     shared prediction edges."""
@@ -87,7 +87,7 @@ def runtime_options(serving: Serving, placement: Placement | None = None) -> lis
         args += ["--device", "cuda"]
     monitoring = serving.monitoring
     args += ["--feedback-ttl", str(seconds(monitoring.feedback_ttl))]
-    if placement is not None and placement.request_log_uri and monitoring.request_log.enabled:
+    if placement.request_log_uri and monitoring.request_log.enabled:
         args += [
             "--request-log-uri",
             placement.request_log_uri,
@@ -96,7 +96,7 @@ def runtime_options(serving: Serving, placement: Placement | None = None) -> lis
             "--request-log-max-rows",
             str(monitoring.request_log.max_rows),
         ]
-    if placement is not None and placement.prediction_edges:
+    if placement.prediction_edges:
         args += ["--prediction-edges", json.dumps(list(placement.prediction_edges))]
     return args
 
