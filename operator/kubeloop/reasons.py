@@ -56,3 +56,22 @@ ATTEMPT_STARTED: Final = "AttemptStarted"
 EXECUTOR_UNAVAILABLE: Final = "ExecutorUnavailable"
 EXECUTOR_REJECTED: Final = "ExecutorRejected"
 TIMED_OUT: Final = "TimedOut"
+
+# Approval (TrainingRun spec.suspend, ModelDeployment rollout.approval).
+SUSPENDED: Final = "Suspended"
+AWAITING_APPROVAL: Final = "AwaitingApproval"
+APPROVED: Final = "Approved"
+
+# DriftPolicy.
+WATCHING: Final = "Watching"
+INCONCLUSIVE: Final = "Inconclusive"
+DRIFT_DETECTED: Final = "DriftDetected"
+DRIFT_CLEARED: Final = "DriftCleared"
+RETRAIN_STARTED: Final = "RetrainStarted"
+RETRAIN_HELD: Final = "RetrainHeld"
+RETRAIN_FINISHED: Final = "RetrainFinished"
+DRY_RUN: Final = "DryRun"
+TARGET_NOT_FOUND: Final = "TargetNotFound"
+NO_REFERENCE: Final = "NoReference"
+TEMPLATE_NOT_FOUND: Final = "TemplateNotFound"
+REBASELINED: Final = "Rebaselined"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from kubeloop.contract.artifact import METADATA_FILE, PROGRAM_FILE
-from kubeloop.contract.reference import CLASSIFIER_EDGES, MISSING, bucket_index, reference_from_data
+from kubeloop.contract.reference import CLASSIFIER_EDGES, bucket_index, reference_from_data
+from kubeloop.contract.serving_metrics import MISSING
 from kubeloop.serving.artifact import ArtifactError, bf16_check, load_model, save_model
 from kubeloop.serving.cache import ResponseCache, rows_key
 from kubeloop.serving.samples import (

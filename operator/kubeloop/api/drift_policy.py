@@ -1,10 +1,16 @@
-"""DriftPolicy: drift signals from Prometheus; a breach long enough triggers a retrain."""
+"""DriftPolicy: drift signals from Prometheus; a breach long enough acts (observe, notify, retrain).
+
+A policy watches the *stable* version of one ModelDeployment in its own namespace. Every
+``interval`` it evaluates its signals over ``window``; a breach that holds for ``for`` acts
+according to ``action.mode``; a retrain creates a TrainingRun whose new version the deployment
+canaries. Once a retrained version is promoted the policy compares against its reference.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, WithJsonSchema, model_validator
 
 from kubeloop.api.base import (
     ApiModel,
@@ -21,7 +27,28 @@ from kubeloop.api.base import (
 from kubeloop.api.common import LocalRef
 from kubeloop.api.model_deployment import PromQL
 
-FEATURE_SIGNALS = ("psi", "kl", "ks", "js")
+# Per-feature statistics (planning/drift.py); also the statistic of a prediction signal.
+FEATURE_SIGNALS: Final = ("psi", "kl", "js", "ks", "wasserstein", "chisquare")
+# Labelled outcomes from the serving runtime's feedback counters.
+CONCEPT_SIGNALS: Final = ("accuracy", "f1", "mae", "rmse")
+SignalType = Literal[
+    "psi", "kl", "js", "ks", "wasserstein", "chisquare",
+    "prediction", "accuracy", "f1", "mae", "rmse", "promql",
+]  # fmt: skip
+Statistic = Literal["psi", "kl", "js", "ks", "wasserstein", "chisquare"]
+
+# A number or the word auto. Kubernetes' schema dialect has no number-or-string type (int-or-
+# string refuses 0.2, and CEL cannot see an untyped field), so the API server keeps the value
+# as given and the operator refuses anything else with Ready=False naming the field.
+Threshold = Annotated[
+    float | Literal["auto"],
+    WithJsonSchema(
+        {
+            "x-kubernetes-preserve-unknown-fields": True,
+            "description": "A number >= 0, or auto.",
+        }
+    ),
+]
 
 
 class Signal(ApiModel):
@@ -40,9 +67,31 @@ class Signal(ApiModel):
                 field_path=".query",
             ),
             cel(
-                "!(self.type in ['psi', 'kl', 'ks', 'js']) || has(self.feature)",
-                "psi, kl, ks and js signals need feature ('*' for every feature)",
+                "!(self.type in ['psi', 'kl', 'js', 'ks', 'wasserstein', 'chisquare']) || "
+                "has(self.feature)",
+                "per-feature signals need feature (a feature name, or * for every feature)",
                 field_path=".feature",
+            ),
+            cel(
+                "self.type in ['psi', 'kl', 'js', 'ks', 'wasserstein', 'chisquare'] || "
+                "!has(self.feature)",
+                "feature is only for per-feature signals (psi, kl, js, ks, wasserstein, chisquare)",
+                field_path=".feature",
+            ),
+            cel(
+                "!has(self.share) || (has(self.feature) && self.feature == '*')",
+                "share applies to feature: '*' only",
+                field_path=".share",
+            ),
+            cel(
+                "self.type == 'prediction' || !has(self.statistic)",
+                "statistic is only for prediction signals (per-feature signals name it in type)",
+                field_path=".statistic",
+            ),
+            cel(
+                "self.type == 'promql' || !has(self.comparison)",
+                "comparison is only for promql signals (the others know their direction)",
+                field_path=".comparison",
             ),
         )
     }
@@ -50,43 +99,121 @@ class Signal(ApiModel):
     name: Annotated[
         str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9-]*$")
     ] = Field(description="Signal name shown in status.")
-    type: Literal["psi", "kl", "ks", "js", "prediction", "accuracy", "promql"] = Field(
-        description="psi/kl/ks/js per feature, prediction drift, labelled accuracy, or PromQL."
+    type: SignalType = Field(
+        description="psi/kl/js/ks/wasserstein/chisquare per feature against the served "
+        "version's training reference; prediction (the served prediction histogram against "
+        "the validation-time one); accuracy, f1 (macro), mae, rmse from fed-back labels "
+        "(concept drift; breach when accuracy/f1 fall below or mae/rmse rise above); "
+        "or promql."
     )
     feature: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = Field(
-        default=None, description="Feature name, or * for the worst feature."
+        default=None,
+        description="Feature name, or * for every feature: the worst one breaches (or, with "
+        "share, the share of drifted features).",
+    )
+    share: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="With feature '*': breach when at least this share of the features drift "
+        "(Evidently's dataset drift), instead of when the worst one does.",
+    )
+    statistic: Statistic | None = Field(
+        default=None, description="Prediction signals: the statistic (default psi)."
     )
     query: PromQL | None = Field(
-        default=None, description="PromQL (promql signals); scoped to this namespace."
+        default=None,
+        description="PromQL (promql signals); scoped to this namespace, refused if it names "
+        "another. $version is the served stable version.",
     )
-    threshold: float = Field(description="Breach threshold.")
-    comparison: Literal["above", "below"] = Field(
-        default="above",
-        description="above: breach when value > threshold (drift scores); "
-        "below: breach when value < threshold (accuracy).",
+    threshold: Threshold = Field(
+        description="A number >= 0, or auto (calibrated from the reference at the window's "
+        "sample size so that a stream without drift breaches at most falseAlarmRate of its "
+        "evaluations; accuracy: the evaluated accuracy less what sampling at the window's "
+        "labelled rows explains; not for f1, mae, rmse, promql). Not checked by the API "
+        "server (its schema has no number-or-string type): the operator refuses anything "
+        "else with Ready=False."
     )
+    comparison: Literal["above", "below"] | None = Field(
+        default=None,
+        description="promql only: above (breach when value > threshold, the default) or below.",
+    )
+    min_count: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**9,
+        description="Fewest rows (labelled rows for accuracy/f1/mae/rmse) a window needs to be "
+        "conclusive; below it the value is recorded, never a breach nor a pass. Default 100 "
+        "(50 labelled rows).",
+    )
+    false_alarm_rate: float = Field(
+        default=0.01,
+        gt=0,
+        le=0.2,
+        description="threshold auto: the share of evaluations a stream without drift may breach.",
+    )
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> Signal:
+        t = self.threshold
+        if t == "auto":
+            if self.type in ("f1", "mae", "rmse", "promql"):
+                raise ValueError(
+                    f"threshold: auto is not available for {self.type} signals (nothing to "
+                    "calibrate it from); give a number"
+                )
+        elif not t >= 0:
+            raise ValueError(f"threshold {t}: expected a number >= 0, or auto")
+        elif self.type in ("accuracy", "f1", "js", "ks") and t > 1:
+            raise ValueError(f"threshold {t}: a {self.type} lies in 0..1; expected 0 <= t <= 1")
+        return self
 
 
 class RetrainAction(ApiModel):
-    """What to do on a breach."""
+    """What a breach that held for ``for`` does."""
 
-    type: Literal["retrain", "alert"] = Field(
-        default="retrain", description="retrain, or only alert."
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.mode == 'retrain' || !self.dryRun",
+                "dryRun applies to mode retrain",
+                field_path=".dryRun",
+            ),
+        )
+    }
+
+    mode: Literal["observe", "notify", "retrain"] = Field(
+        default="retrain",
+        description="observe: status only; notify: also Warning Events and the "
+        "kubeloop_drift_breached metric; retrain: also create a TrainingRun.",
+    )
+    dry_run: bool = Field(
+        default=False,
+        description="retrain: render the TrainingRun it would create into "
+        "status.dryRunTrainingRun instead of creating it.",
     )
     template: LocalRef | None = Field(
         default=None,
-        description="TrainingRun to copy for retraining (default: the one that "
-        "produced the deployed model).",
+        description="TrainingRun to copy (default: the one in the served version's lineage).",
     )
-    cooldown: Duration = Field(default="6h", description="Least time between retrains.")
-    max_retrains_per_day: int = Field(default=2, ge=0, le=24, description="Daily cap.")
+    data: Literal["template", "served", "both"] = Field(
+        default="both",
+        description="Training data of the retrain: the template's, the served rows of the "
+        "window that carry a fed-back label (the request log), or both.",
+    )
+    cooldown: Duration = Field(default="6h", description="Least time between two retrains.")
+    max_retrains_per_day: int = Field(
+        default=2, ge=0, le=24, description="Retrains started in any 24 hours, at most."
+    )
     approval: Literal["none", "manual"] = Field(
-        default="none", description="manual: create the run suspended until approved."
+        default="none",
+        description="manual: the TrainingRun is created suspended until "
+        "`kubectl annotate trainingrun NAME kubeloop.dev/approve=true`.",
     )
 
 
 class DriftPolicySpec(ApiModel):
-    """Drift signals on a deployment and the retraining they trigger."""
+    """Drift signals on a deployment and what a breach does."""
 
     model_config = ApiModel.model_config | {
         "json_schema_extra": validations(
@@ -95,43 +222,123 @@ class DriftPolicySpec(ApiModel):
                 "signal names must be unique",
                 field_path=".signals",
             ),
+            cel(
+                "duration(self.interval) > duration('0s')",
+                "interval must be longer than 0s",
+                field_path=".interval",
+            ),
+            cel(
+                "duration(self.window) >= duration(self.interval)",
+                "window must be at least interval (every row is then evaluated)",
+                field_path=".window",
+            ),
         )
     }
 
-    target: LocalRef = Field(description="ModelDeployment to watch.")
+    target: LocalRef = Field(description="ModelDeployment to watch (in this namespace).")
     signals: list[Signal] = Field(min_length=1, max_length=32, description="Drift signals.")
     interval: Duration = Field(default="60s", description="Evaluation period.")
     window: Duration = Field(default="1h", description="Data window of each evaluation.")
     for_: Duration = Field(
-        default="5m", alias="for", description="How long a breach must last before acting."
+        default="5m",
+        alias="for",
+        description="How long consecutive conclusive breaches must last before acting, as a "
+        "Prometheus alert's for (0s: act on the first).",
     )
     action: RetrainAction = Field(default_factory=RetrainAction, description="Action.")
     suspend: bool = Field(default=False, description="Evaluate but do not act.")
 
 
+Outcome = Literal["Breach", "Pass", "Inconclusive"]
+Phase = Literal[
+    "", "Watching", "Pending", "Drifted", "Retraining", "AwaitingApproval", "Cooldown",
+    "Suspended", "Failed",
+]  # fmt: skip
+
+
 class SignalValue(ApiModel):
-    """Latest value of one signal."""
+    """Latest evaluation of one signal."""
 
     name: ShortText = Field(description="Signal name.")
-    value: float | None = Field(default=None, description="Value (none: inconclusive).")
+    value: float | None = Field(default=None, description="Value (none: nothing to compute).")
+    threshold: float | None = Field(default=None, description="Threshold it was held to.")
+    count: float | None = Field(
+        default=None, description="Rows (or labelled rows) the window held."
+    )
+    outcome: Outcome = Field(default="Inconclusive", description="Breach, Pass or Inconclusive.")
+    feature: ShortText = Field(default="", description="feature '*': the worst feature.")
+    message: ShortText = Field(default="", description="Why inconclusive, or what breached.")
     breached: bool = Field(default=False, description="Over threshold now.")
     since: ShortText = Field(default="", description="Breaching since.")
 
 
-class DriftPolicyStatus(StatusBase):
-    """Latest evaluation and retrain bookkeeping."""
+class FeatureScore(ApiModel):
+    """One drifted feature."""
 
-    phase: Literal["", "Watching", "Drifted", "Retraining", "Cooldown", "Suspended", "Failed"] = (
-        Field(default="", description="Summary.")
+    feature: ShortText = Field(description="Feature name.")
+    statistic: ShortText = Field(description="Statistic.")
+    value: float = Field(description="Value.")
+    threshold: float = Field(description="Threshold.")
+
+
+class EvaluationRecord(ApiModel):
+    """One evaluation, for the history."""
+
+    time: ShortText = Field(description="When evaluated.")
+    outcome: Outcome = Field(description="Breach, Pass or Inconclusive.")
+    score: ShortText = Field(default="", description="The worst signal, e.g. psi[amount]=0.31.")
+
+
+class RetrainRecord(ApiModel):
+    """One retrain the policy started, and what became of it."""
+
+    training_run: ShortText = Field(description="TrainingRun created.")
+    model_version: ShortText = Field(default="", description="ModelVersion it registered.")
+    started_at: ShortText = Field(description="When created.")
+    finished_at: ShortText = Field(default="", description="When its outcome was known.")
+    outcome: Literal[
+        "Training",
+        "AwaitingApproval",
+        "RollingOut",
+        "Promoted",
+        "RolledBack",
+        "GatesFailed",
+        "Failed",
+    ] = Field(default="Training", description="Where it stands.")
+    reason: ShortText = Field(default="", description="The breach that started it.")
+
+
+class DriftPolicyStatus(StatusBase):
+    """Latest evaluation, the breach clock and the retrains."""
+
+    phase: Phase = Field(default="", description="Summary.")
+    baseline_version: ShortText = Field(
+        default="", description="ModelVersion whose reference the signals compare against."
     )
     signals: list[SignalValue] = Field(
         default_factory=list, max_length=32, description="Latest values."
     )
+    top_features: list[FeatureScore] = Field(
+        default_factory=list, max_length=10, description="Most drifted features, worst first."
+    )
     drift_score: ShortText = Field(default="", description="Worst signal, e.g. psi=0.31.")
     last_evaluated_at: ShortText = Field(default="", description="Last evaluation.")
+    breaching_since: ShortText = Field(
+        default="", description="First of the current run of breaching evaluations."
+    )
+    history: list[EvaluationRecord] = Field(
+        default_factory=list, max_length=30, description="Recent evaluations, newest last."
+    )
+    retrains: list[RetrainRecord] = Field(
+        default_factory=list, max_length=20, description="Retrains, newest last."
+    )
+    retrain_count: int = Field(default=0, ge=0, description="Retrains ever started.")
     last_retrain_at: ShortText = Field(default="", description="Last retrain started.")
     retrains_today: int = Field(default=0, ge=0, description="Retrains in the last 24 h.")
     active_training_run: ShortText = Field(default="", description="Retrain in flight.")
+    dry_run_training_run: Annotated[str, StringConstraints(max_length=65536)] = Field(
+        default="", description="action.dryRun: the TrainingRun a retrain would create (JSON)."
+    )
 
 
 class DriftPolicy(Resource):
@@ -139,9 +346,10 @@ class DriftPolicy(Resource):
         kind="DriftPolicy",
         plural="driftpolicies",
         short_names=("dp",),
-        description="Watches drift signals and retrains the deployed model on a breach.",
+        description="Watches drift signals of a served model and retrains it on a breach.",
         columns=(
             PrinterColumn("Target", ".spec.target.name"),
+            PrinterColumn("Baseline", ".status.baselineVersion"),
             PrinterColumn("Drift", ".status.driftScore"),
             PrinterColumn("Phase", ".status.phase"),
             PrinterColumn("Retrain", ".status.activeTrainingRun"),

@@ -128,6 +128,29 @@ class PrometheusClient:
                 values[key] = value
         return values
 
+    async def query_table(
+        self, promql: str, labels: tuple[str, ...]
+    ) -> dict[tuple[str, ...], float]:
+        """``{(label values…): value}`` for a ``sum by (labels…) (...)`` query; a label a
+        series lacks counts as ""; NaN and ±Inf samples are left out."""
+        result = await self._query(promql)
+        if result and _is_scalar(result):
+            raise InvalidQuery(f"query {promql!r} returned a scalar, not a vector by label")
+        table: dict[tuple[str, ...], float] = {}
+        for series in result:
+            metric = series.get("metric", {}) if isinstance(series, dict) else {}
+            key = tuple(str(metric.get(label, "")) for label in labels)
+            if key in table:
+                where = dict(zip(labels, key, strict=True))
+                raise AmbiguousQuery(
+                    f"query {promql!r} returned several series for {where}: "
+                    f"aggregate it with sum by ({', '.join(labels)}) (...)"
+                )
+            value = _finite(_sample(series, promql))
+            if value is not None:
+                table[key] = value
+        return table
+
     async def _query(self, promql: str) -> list[Any]:
         try:
             result = await asyncio.to_thread(

@@ -36,10 +36,13 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from kubeloop.contract import serving_metrics
+from kubeloop.contract.serving_metrics import bucket_labels
+
 REFERENCE_BUCKETS: Final = 10
+MISSING: Final = serving_metrics.MISSING  # the bucket label of a missing value
 MAX_BUCKETS: Final = 63  # + the missing share = 64 fractions (the ModelVersion CRD's bound)
 MAX_FEATURES: Final = 256
-MISSING: Final = "missing"  # the bucket label of a missing value
 CLASSIFIER_EDGES: Final = tuple(i / REFERENCE_BUCKETS for i in range(REFERENCE_BUCKETS + 1))
 
 TABULAR, TEXT, IMAGE = "tabular", "text", "image"
@@ -70,11 +73,6 @@ def bucket_index(
     arr = np.asarray(values, dtype=np.float64)
     idx = np.clip(np.searchsorted(edges_arr, arr, side="right") - 1, 0, buckets - 1)
     return np.asarray(np.where(np.isnan(arr), buckets, idx), dtype=np.intp)
-
-
-def bucket_labels(buckets: int) -> list[str]:
-    """The ``bucket`` label of every bucket index: "0" .. "B-1", then "missing"."""
-    return [*(str(b) for b in range(buckets)), MISSING]
 
 
 def histogram(values: npt.ArrayLike, edges: Sequence[float]) -> dict[str, list[float]]:

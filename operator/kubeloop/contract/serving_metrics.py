@@ -44,6 +44,8 @@ REQUEST_LOG_ROWS: Final = "kubeloop_request_log_rows"
 # Rows not written, by ``stream`` and ``reason`` (REQUEST_LOG_DROP_REASONS).
 REQUEST_LOG_DROPS: Final = "kubeloop_request_log_dropped_rows"
 
+MISSING: Final = "missing"  # the ``bucket`` label of a missing value
+
 MODEL_LABEL: Final = "model"
 VERSION_LABEL: Final = "version"
 CODE_LABEL: Final = "code"
@@ -79,3 +81,8 @@ REQUEST_LOG_DROP_REASONS: Final = (
 def total(counter: str) -> str:
     """The exposed sample name of a prometheus_client Counter."""
     return f"{counter}_total"
+
+
+def bucket_labels(buckets: int) -> list[str]:
+    """The ``bucket`` label of every bucket index: "0" .. "B-1", then "missing"."""
+    return [*(str(b) for b in range(buckets)), MISSING]

@@ -2,6 +2,12 @@
 once (``daemon.py`` is the loop every daemon runs). Importing this package registers every
 handler."""
 
-from kubeloop.handlers import model_deployment, model_version, startup, training_run
+from kubeloop.handlers import (
+    drift_policy,
+    model_deployment,
+    model_version,
+    startup,
+    training_run,
+)
 
-__all__ = ["model_deployment", "model_version", "startup", "training_run"]
+__all__ = ["drift_policy", "model_deployment", "model_version", "startup", "training_run"]

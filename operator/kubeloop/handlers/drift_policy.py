@@ -1,0 +1,261 @@
+"""DriftPolicy: evaluate drift signals of a served model; a breach that holds retrains it.
+
+One daemon per DriftPolicy, in the shape of every kubeloop daemon (``handlers/daemon.py``):
+observe — the target deployment and its stable version's reference (the registry index), the
+retraining TrainingRuns the policy created (by label), and, when an evaluation is due, the
+window from Prometheus, evaluated off the event loop — then ``planning.drift_policy.plan``
+decides once, the retrain (if any) is created once, and the status is written once. The
+child's name is deterministic, so a restarted operator adopts what it created before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from typing import Any
+
+import kopf
+import pydantic
+
+from kubeloop import GROUP, VERSION, reasons
+from kubeloop.api.drift_policy import DriftPolicy, DriftPolicyStatus
+from kubeloop.api.model_deployment import ModelDeployment
+from kubeloop.backends.drift_window import InvalidSignal, read_window, signal_queries
+from kubeloop.backends.kube import (
+    DRIFT_POLICIES,
+    MODEL_DEPLOYMENTS,
+    TRAINING_RUNS,
+    Conflict,
+    NotFound,
+)
+from kubeloop.backends.registry import Registry
+from kubeloop.contract.labels import DRIFT_POLICY_LABEL
+from kubeloop.handlers import daemon, events
+from kubeloop.handlers.errors import describe_validation_error
+from kubeloop.handlers.metrics import DRIFT_FIRING, DRIFT_SIGNAL, DRIFT_THRESHOLD, RETRAINS
+from kubeloop.handlers.startup import Context, context
+from kubeloop.planning import drift_policy as plan
+from kubeloop.planning import drift_signals, naming
+from kubeloop.planning.conditions import find, set_condition
+
+
+def served_view(ctx: Context, md: ModelDeployment) -> plan.Served:
+    rollouts = {r.to_version: r.result for r in md.status.history}
+    monitoring = md.spec.serving.monitoring
+    backend = md.spec.serving.backend
+    log_uri = ""
+    if monitoring.request_log.enabled:
+        log_uri = naming.request_log_uri(
+            md.namespace,
+            md.name,
+            artifact_root=str(ctx.settings.artifact_root),
+            object_store_prefix=ctx.settings.object_store_prefix,
+            remote=(backend if backend != "default" else ctx.settings.serving_backend) == "kserve",
+        )
+    return plan.Served(
+        stable=md.status.stable.model_version,
+        rollouts=rollouts,
+        followed_alias=md.spec.model.alias.alias if md.spec.model.alias else None,
+        request_log_uri=log_uri,
+    )
+
+
+def child_of(body: dict[str, Any]) -> plan.Child:
+    status = body.get("status") or {}
+    conditions = status.get("conditions") or []
+    gates: dict[str, Any] = next(
+        (c for c in conditions if c.get("type") == reasons.GATES_PASSED), {}
+    )
+    ready: dict[str, Any] = next((c for c in conditions if c.get("type") == reasons.READY), {})
+    return plan.Child(
+        name=body["metadata"]["name"],
+        phase=str(status.get("phase") or ""),
+        model_version=str(status.get("modelVersion") or ""),
+        gates_failed=gates.get("status") == "False",
+        message=str(ready.get("message") or "")[:300],
+    )
+
+
+async def observe(
+    ctx: Context, registry: Registry, policy: DriftPolicy, now: dt.datetime
+) -> plan.Observed:
+    ns, spec = policy.namespace, policy.spec
+    try:
+        md = ModelDeployment.parse(await ctx.kube.get(MODEL_DEPLOYMENTS, ns, spec.target.name))
+    except NotFound:
+        return plan.Observed(
+            now,
+            problem=(
+                reasons.TARGET_NOT_FOUND,
+                f"spec.target.name={spec.target.name}: no ModelDeployment of that name in "
+                f"namespace {ns}",
+            ),
+        )
+    served = served_view(ctx, md)
+    children = {
+        b["metadata"]["name"]: child_of(b)
+        for b in await ctx.kube.list(
+            TRAINING_RUNS, ns, label_selector=f"{DRIFT_POLICY_LABEL}={policy.name}"
+        )
+    }
+    base = plan.Observed(now, served=served, children=children)
+    if not served.stable:
+        return _with_problem(
+            base,
+            reasons.NOT_SERVING,
+            f"spec.target.name={spec.target.name} serves no stable version yet",
+        )
+    mv = registry.get(ns, served.stable)
+    if mv is None:
+        return _with_problem(
+            base,
+            reasons.MODEL_VERSION_NOT_FOUND,
+            f"the stable version {served.stable} of {spec.target.name} is not in the registry",
+        )
+    baseline = drift_signals.Baseline.of(mv)
+    wrong = drift_signals.problems(spec.signals, baseline)
+    if wrong:
+        no_ref = all("reference" in w.lower() for w in wrong)
+        return _with_problem(
+            base, reasons.NO_REFERENCE if no_ref else reasons.INVALID_SPEC, "; ".join(wrong)
+        )
+    try:
+        queries = signal_queries(spec.signals, ns, md.name, served.stable, spec.window)
+    except InvalidSignal as exc:
+        return _with_problem(base, reasons.INVALID_SPEC, str(exc))
+    results = None
+    if plan.evaluation_due(policy, now):
+        window = await read_window(ctx.prometheus, spec.signals, baseline, queries)
+        # Calibrating an auto threshold at a new sample size simulates: off the event loop.
+        results = await asyncio.to_thread(drift_signals.evaluate, spec.signals, baseline, window)
+    template, template_problem = None, ""
+    if results is not None and spec.action.mode == "retrain":
+        template, template_problem = await _template(ctx, policy, mv.spec.lineage)
+    return plan.Observed(
+        now,
+        served=served,
+        results=results,
+        children=children,
+        template=template,
+        template_problem=template_problem,
+    )
+
+
+def _with_problem(base: plan.Observed, reason: str, message: str) -> plan.Observed:
+    return plan.Observed(
+        base.now, served=base.served, problem=(reason, message), children=base.children
+    )
+
+
+async def _template(
+    ctx: Context, policy: DriftPolicy, lineage: Any
+) -> tuple[dict[str, Any] | None, str]:
+    ref = policy.spec.action.template
+    if ref is not None:
+        name, field = ref.name, f"spec.action.template.name={ref.name}"
+    elif lineage is not None and lineage.training_run:
+        name = lineage.training_run
+        field = f"the served version's lineage.trainingRun={name} (spec.action.template unset)"
+    else:
+        return None, (
+            "spec.action.template is unset and the served version names no TrainingRun in its "
+            "lineage: set spec.action.template"
+        )
+    try:
+        body = await ctx.kube.get(TRAINING_RUNS, policy.namespace, name)
+    except NotFound:
+        return None, f"{field}: no TrainingRun of that name in namespace {policy.namespace}"
+    return dict(body.get("spec") or {}), ""
+
+
+async def reconcile_policy(
+    ctx: Context, registry: Registry, policy: DriftPolicy, logger: Any
+) -> float:
+    now = dt.datetime.now(dt.UTC)
+    seen = await observe(ctx, registry, policy, now)
+    decision = plan.plan(policy, seen)
+    if decision.create is not None:
+        # Conflict: created by a pass before a restart; it carries our label and is adopted.
+        with contextlib.suppress(Conflict):
+            await ctx.kube.create(TRAINING_RUNS, policy.namespace, decision.create)
+        RETRAINS.labels(policy.namespace, policy.name).inc()
+    _export(policy, decision)
+    await daemon.write_status(ctx.kube, DRIFT_POLICIES, policy, decision.status, decision.events)
+    for _type, reason, message in decision.events:
+        logger.info("%s: %s", reason, message)
+    return decision.requeue_after
+
+
+def _export(policy: DriftPolicy, decision: plan.Decision) -> None:
+    ns, name = policy.namespace, policy.name
+    DRIFT_FIRING.labels(ns, name).set(1.0 if decision.firing else 0.0)
+    for s in decision.status.signals:
+        if s.value is not None and s.outcome != "Inconclusive":
+            DRIFT_SIGNAL.labels(ns, name, s.name).set(s.value)
+        else:
+            with contextlib.suppress(KeyError):  # absent while inconclusive
+                DRIFT_SIGNAL.remove(ns, name, s.name)
+        if s.threshold is not None:
+            DRIFT_THRESHOLD.labels(ns, name, s.name).set(s.threshold)
+
+
+async def refuse(ctx: Context, body: kopf.Body, error: pydantic.ValidationError) -> None:
+    """A spec the API server let through (a threshold that is neither a number nor auto)
+    becomes Ready=False naming the field, once."""
+    _, message = describe_validation_error(error)
+    try:
+        status = DriftPolicyStatus.model_validate(dict(body.get("status") or {}))
+    except pydantic.ValidationError:
+        status = DriftPolicyStatus()
+    ready = find(status.conditions, reasons.READY)
+    if ready is not None and ready.reason == reasons.INVALID_SPEC and ready.message == message:
+        return
+    generation = int(body.get("metadata", {}).get("generation") or 0)
+    status.phase = "Failed"
+    status.observed_generation = generation
+    status.conditions = set_condition(
+        status.conditions,
+        reasons.READY,
+        "False",
+        reasons.INVALID_SPEC,
+        message,
+        generation=generation,
+        now=dt.datetime.now(dt.UTC),
+    )
+    meta = body["metadata"]
+    await ctx.kube.patch(
+        DRIFT_POLICIES,
+        meta["namespace"],
+        meta["name"],
+        {"status": status.model_dump(by_alias=True, mode="json")},
+        subresource="status",
+    )
+    events.post(body, "Warning", reasons.INVALID_SPEC, message)
+
+
+@kopf.daemon(GROUP, VERSION, "driftpolicies", cancellation_timeout=10)
+async def run_policy(
+    body: kopf.Body,
+    memo: kopf.Memo,
+    stopped: kopf.DaemonStopped,
+    logger: kopf.Logger,
+    **kwargs: Any,
+) -> None:
+    ctx = context(memo)
+    registry = ctx.registry(kwargs["versions_by_model"])  # the kopf index
+    written: list[DriftPolicyStatus] = []  # the status this daemon last wrote
+
+    async def one_pass() -> float:
+        try:
+            policy = DriftPolicy.parse(body)
+        except pydantic.ValidationError as exc:
+            await refuse(ctx, body, exc)
+            return daemon.POLL_S
+        if written:
+            policy.status = written[-1]  # ours is newer than what the watch may have echoed
+        delay = await reconcile_policy(ctx, registry, policy, logger)
+        written[:] = [policy.status]
+        return delay
+
+    await daemon.run("DriftPolicy", body, stopped, logger, one_pass)

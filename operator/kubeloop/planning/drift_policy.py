@@ -1,0 +1,601 @@
+"""A DriftPolicy's decision: the breach clock, the storm governor, the retrain it creates.
+
+Pure: a function of the spec, the status, what one pass observed and the clock.
+
+- **Breach clock** (a Prometheus alert's ``for``): a breaching evaluation starts it, a passing one
+  stops it, an inconclusive one neither advances the decision nor resets it. The policy acts
+  when the latest evaluation breaches and the clock has run for ``for``.
+- **Storm governor**: one retrain in flight (until its outcome is known: promoted, rolled back,
+  gates failed, failed), ``cooldown`` after the last start, ``maxRetrainsPerDay`` in any 24 h.
+  The child's name is ``<policy>-retrain-<n>`` with n the retrain count in status, so an
+  operator restarted between creating the child and writing status finds it (it carries the
+  policy's label) and adopts it instead of creating a second one.
+- **Re-baseline**: the signals compare against the deployment's *stable* version; when that
+  changes (a retrain was promoted) the breach clock restarts on the new reference.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from kubeloop import GROUP, VERSION, reasons
+from kubeloop.api.drift_policy import (
+    DriftPolicy,
+    DriftPolicyStatus,
+    EvaluationRecord,
+    Phase,
+    RetrainRecord,
+    SignalValue,
+)
+from kubeloop.contract.durations import parse_rfc3339, rfc3339, seconds
+from kubeloop.contract.labels import (
+    DRIFT_EVIDENCE_ANNOTATION,
+    DRIFT_POLICY_LABEL,
+    RETRAIN_REASON_ANNOTATION,
+)
+from kubeloop.planning.conditions import set_condition
+from kubeloop.planning.drift_signals import Result, overall, top_features
+
+HISTORY: Final = 30
+RETRAINS_KEPT: Final = 30
+FINAL_OUTCOMES: Final = frozenset({"Promoted", "RolledBack", "GatesFailed", "Failed"})
+_ROLLOUT_OUTCOME: Final = {
+    "Promoted": "Promoted",
+    "RolledBack": "RolledBack",
+    "Aborted": "RolledBack",
+    "Superseded": "RolledBack",
+}
+DAY_S: Final = 86_400.0
+
+Event = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Child:
+    """A TrainingRun carrying this policy's label."""
+
+    name: str
+    phase: str
+    model_version: str = ""
+    gates_failed: bool = False
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Served:
+    """The target deployment as the policy needs it."""
+
+    stable: str | None
+    rollouts: Mapping[str, str] = field(default_factory=dict)  # to-version → last result
+    followed_alias: str | None = None
+    request_log_uri: str = ""
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What one pass read. ``problem`` (reason, message naming the field) stops evaluation;
+    ``results`` is None when no evaluation was due; ``template`` is the spec to copy for a
+    retrain (camelCase, as the API server returns it), or None with ``template_problem``."""
+
+    now: dt.datetime
+    served: Served | None = None
+    problem: tuple[str, str] | None = None
+    results: Sequence[Result] | None = None
+    children: Mapping[str, Child] = field(default_factory=dict)
+    template: Mapping[str, Any] | None = None
+    template_problem: str = ""
+
+
+@dataclass
+class Decision:
+    status: DriftPolicyStatus
+    create: dict[str, Any] | None = None
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float = 2.0
+    firing: bool = False  # the breach held for `for` (the kubeloop_drift_breached gauge)
+
+
+def evaluation_due(policy: DriftPolicy, now: dt.datetime) -> bool:
+    last = parse_rfc3339(policy.status.last_evaluated_at)
+    return last is None or (now - last).total_seconds() >= seconds(policy.spec.interval) - 0.05
+
+
+def child_name(policy: str, n: int) -> str:
+    suffix = f"-retrain-{n}"
+    return policy[: 63 - len(suffix)].rstrip("-") + suffix
+
+
+def plan(policy: DriftPolicy, obs: Observed) -> Decision:
+    spec, now = policy.spec, obs.now
+    status = policy.status.model_copy(deep=True)
+    status.observed_generation = policy.metadata.generation
+    decision = Decision(status)
+    gen = policy.metadata.generation
+    if obs.served is not None:
+        _adopt(policy, status, obs)
+        _track(status, obs, decision)
+        _rebaseline(status, obs.served, decision)
+    active = next((r for r in status.retrains if r.outcome not in FINAL_OUTCOMES), None)
+    status.active_training_run = active.training_run if active else ""
+    status.retrains_today = sum(1 for r in status.retrains if _age_s(r.started_at, now) < DAY_S)
+    if obs.problem is not None:
+        reason, message = obs.problem
+        status.phase = "Watching" if reason == reasons.NOT_SERVING else "Failed"
+        status.conditions = set_condition(
+            status.conditions, reasons.READY, "False", reason, message, generation=gen, now=now
+        )
+        decision.requeue_after = min(seconds(spec.interval), 30.0)
+        return decision
+    if obs.results is not None:
+        _record(policy, status, obs.results, now, decision)
+    current = _current_outcome(status)
+    held_s = _age_s(status.breaching_since, now) if status.breaching_since else 0.0
+    firing = current == "Breach" and held_s >= seconds(spec.for_) - 0.05
+    decision.firing = firing
+    held = Held()
+    if firing and obs.results is not None and not spec.suspend:
+        held = _act(policy, status, obs, decision, active)
+    active = next((r for r in status.retrains if r.outcome not in FINAL_OUTCOMES), None)
+    status.active_training_run = active.training_run if active else ""
+    status.phase = _phase(policy, current=current, firing=firing, active=active, held=held)
+    ready_reason, ready_message = _ready(policy, status, held)
+    status.conditions = set_condition(
+        status.conditions,
+        reasons.READY,
+        "False" if held.refused else "True",
+        ready_reason,
+        ready_message,
+        generation=gen,
+        now=now,
+    )
+    status.conditions = set_condition(
+        status.conditions,
+        reasons.DRIFTED,
+        "True" if firing else "False",
+        reasons.DRIFT_DETECTED if firing else reasons.WATCHING,
+        status.drift_score or "no evaluation yet",
+        generation=gen,
+        now=now,
+    )
+    last = parse_rfc3339(status.last_evaluated_at)
+    wait = seconds(spec.interval) - ((now - last).total_seconds() if last else 0.0)
+    decision.requeue_after = max(0.2, wait)
+    return decision
+
+
+# --- retrains ------------------------------------------------------------------------------
+
+
+def _adopt(policy: DriftPolicy, status: DriftPolicyStatus, obs: Observed) -> None:
+    """Children the status does not know (created just before a restart) join the record."""
+    known = {r.training_run for r in status.retrains}
+    for name in sorted(obs.children, key=_child_index):
+        if name in known:
+            continue
+        status.retrains.append(
+            RetrainRecord(
+                training_run=name,
+                started_at=rfc3339(obs.now),
+                reason="found after a restart",
+            )
+        )
+        status.retrain_count = max(status.retrain_count, _child_index(name))
+        status.last_retrain_at = status.last_retrain_at or rfc3339(obs.now)
+    del status.retrains[:-RETRAINS_KEPT]
+
+
+def _child_index(name: str) -> int:
+    match = re.search(r"-retrain-(\d+)$", name)
+    return int(match.group(1)) if match else 0
+
+
+def _track(status: DriftPolicyStatus, obs: Observed, decision: Decision) -> None:
+    """Follow every unfinished retrain: its run, then its version's rollout."""
+    served = obs.served
+    assert served is not None
+    for record in status.retrains:
+        if record.outcome in FINAL_OUTCOMES:
+            continue
+        outcome, why = _outcome_of(obs.children.get(record.training_run), served)
+        child = obs.children.get(record.training_run)
+        if child is not None and child.model_version:
+            record.model_version = child.model_version
+        if outcome == record.outcome:
+            continue
+        record.outcome = outcome  # type: ignore[assignment]
+        if outcome in FINAL_OUTCOMES:
+            record.finished_at = rfc3339(obs.now)
+            kind = "Normal" if outcome == "Promoted" else "Warning"
+            decision.events.append(
+                (kind, reasons.RETRAIN_FINISHED, f"retrain {record.training_run}: {outcome}{why}")
+            )
+        elif outcome == "AwaitingApproval":
+            decision.events.append(
+                (
+                    "Normal",
+                    reasons.AWAITING_APPROVAL,
+                    f"retrain {record.training_run} waits for approval: kubectl annotate "
+                    f"trainingrun {record.training_run} kubeloop.dev/approve=true",
+                )
+            )
+
+
+def _outcome_of(child: Child | None, served: Served) -> tuple[str, str]:
+    if child is None:
+        return "Failed", " (the TrainingRun is gone)"
+    if child.phase == "Suspended":
+        return "AwaitingApproval", ""
+    if child.phase == "Failed":
+        if child.gates_failed:
+            return "GatesFailed", f" (not registered, never deployed: {child.message})"[:200]
+        return "Failed", f" ({child.message})"[:200] if child.message else ""
+    if child.phase != "Succeeded" or not child.model_version:
+        return "Training", ""
+    result = served.rollouts.get(child.model_version)
+    if result in _ROLLOUT_OUTCOME:
+        return _ROLLOUT_OUTCOME[result], f" ({child.model_version}: {result})"
+    if served.stable == child.model_version:
+        return "Promoted", f" ({child.model_version} is stable)"
+    return "RollingOut", ""
+
+
+def _rebaseline(status: DriftPolicyStatus, served: Served, decision: Decision) -> None:
+    if not served.stable or served.stable == status.baseline_version:
+        return
+    if status.baseline_version:
+        decision.events.append(
+            (
+                "Normal",
+                reasons.REBASELINED,
+                f"now comparing against {served.stable}'s reference (was "
+                f"{status.baseline_version}); the breach clock restarts",
+            )
+        )
+    status.baseline_version = served.stable
+    status.breaching_since = ""
+    status.signals = []
+    status.top_features = []
+    status.drift_score = ""
+
+
+# --- evaluations -----------------------------------------------------------------------------
+
+
+def _record(
+    policy: DriftPolicy,
+    status: DriftPolicyStatus,
+    results: Sequence[Result],
+    now: dt.datetime,
+    decision: Decision,
+) -> None:
+    stamp = rfc3339(now)
+    before = {s.name: s for s in status.signals}
+    status.signals = [
+        SignalValue(
+            name=r.name,
+            value=r.value,
+            threshold=r.threshold,
+            count=r.count,
+            outcome=r.outcome,
+            feature=r.feature,
+            message=r.message,
+            breached=r.outcome == "Breach",
+            since=(
+                (before[r.name].since if r.name in before and before[r.name].breached else stamp)
+                if r.outcome == "Breach"
+                else ""
+            ),
+        )
+        for r in results
+    ]
+    status.top_features = top_features(results)
+    worst = max(results, key=lambda r: r.margin, default=None)
+    status.drift_score = _score(worst) if worst and worst.value is not None else ""
+    outcome = overall(results)
+    status.history = [
+        *status.history,
+        EvaluationRecord(time=stamp, outcome=outcome, score=status.drift_score),
+    ][-HISTORY:]
+    status.last_evaluated_at = stamp
+    notify = policy.spec.action.mode != "observe"
+    if outcome == "Breach" and not status.breaching_since:
+        status.breaching_since = stamp
+        if notify:
+            decision.events.append(
+                ("Warning", reasons.DRIFT_DETECTED, f"breach: {_breaching(results)}")
+            )
+    elif outcome == "Pass" and status.breaching_since:
+        status.breaching_since = ""
+        if notify:
+            decision.events.append(
+                ("Normal", reasons.DRIFT_CLEARED, f"no signal breaches ({status.drift_score})")
+            )
+
+
+def _score(r: Result) -> str:
+    limit = f"{r.threshold:.3g}" if r.threshold is not None else "?"
+    return (
+        f"{r.score_text()} {'<' if r.below else '>'}{'' if r.outcome == 'Breach' else '?'} {limit}"[
+            :128
+        ]
+    )
+
+
+def _breaching(results: Sequence[Result]) -> str:
+    parts = [
+        f"{r.name} {r.score_text()} vs {r.threshold:.3g} (n={r.count or 0:g})"
+        for r in results
+        if r.outcome == "Breach" and r.threshold is not None
+    ]
+    return "; ".join(parts)[:900]
+
+
+def _current_outcome(status: DriftPolicyStatus) -> str:
+    return status.history[-1].outcome if status.history else "Inconclusive"
+
+
+# --- acting ----------------------------------------------------------------------------------
+
+
+def _act(
+    policy: DriftPolicy,
+    status: DriftPolicyStatus,
+    obs: Observed,
+    decision: Decision,
+    active: RetrainRecord | None,
+) -> Held:
+    """The breach held for ``for``: notify, render or retrain; or why not."""
+    action, now = policy.spec.action, obs.now
+    results = obs.results or []
+    was_drifted = policy.status.phase in ("Drifted", "Cooldown", "Retraining")
+    if action.mode == "notify":
+        if not was_drifted:
+            decision.events.append(
+                (
+                    "Warning",
+                    reasons.DRIFT_DETECTED,
+                    f"held for {policy.spec.for_}: {_breaching(results)}",
+                )
+            )
+        return Held()
+    if action.mode != "retrain":
+        return Held()
+    if active is not None:
+        return Held(
+            reasons.RETRAIN_HELD,
+            f"retrain {active.training_run} is still in flight ({active.outcome})",
+        )
+    last = parse_rfc3339(status.last_retrain_at)
+    if last is not None and (now - last).total_seconds() < seconds(action.cooldown):
+        left = seconds(action.cooldown) - (now - last).total_seconds()
+        return _held(policy, decision, f"cooldown: {left:.0f}s left of {action.cooldown}")
+    if status.retrains_today >= action.max_retrains_per_day:
+        return _held(
+            policy,
+            decision,
+            f"daily cap: {status.retrains_today} of maxRetrainsPerDay="
+            f"{action.max_retrains_per_day} retrains in the last 24 h",
+        )
+    if obs.template is None:
+        return Held(
+            reasons.TEMPLATE_NOT_FOUND,
+            obs.template_problem or "spec.action.template: no template TrainingRun",
+            refused=True,
+        )
+    served = obs.served
+    assert served is not None
+    if action.data != "template" and not served.request_log_uri:
+        return Held(
+            reasons.INVALID_SPEC,
+            f"spec.action.data={action.data} needs the deployment's request log, and "
+            f"{policy.spec.target.name} has none (spec.serving.monitoring.requestLog, or an "
+            "object store for remote servers)",
+            refused=True,
+        )
+    name = child_name(policy.name, status.retrain_count + 1)
+    body = retrain_body(policy, obs.template, served, status, results, name=name, now=now)
+    if action.dry_run:
+        rendered = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        previous = _evidence_of(status.dry_run_training_run).get("breachingSince")
+        status.dry_run_training_run = rendered
+        if previous != status.breaching_since:
+            decision.events.append(
+                (
+                    "Normal",
+                    reasons.DRY_RUN,
+                    f"dryRun: would create TrainingRun {name} (status.dryRunTrainingRun)",
+                )
+            )
+        return Held()
+    if name not in obs.children:
+        decision.create = body
+    reason = body["metadata"]["annotations"][RETRAIN_REASON_ANNOTATION]
+    status.retrains = [
+        *status.retrains,
+        RetrainRecord(
+            training_run=name,
+            started_at=rfc3339(now),
+            outcome="AwaitingApproval" if action.approval == "manual" else "Training",
+            reason=reason[:256],
+        ),
+    ][-RETRAINS_KEPT:]
+    status.retrain_count += 1
+    status.last_retrain_at = rfc3339(now)
+    status.retrains_today += 1
+    status.breaching_since = ""  # the clock restarts once the retrain has answered
+    decision.events.append(("Normal", reasons.RETRAIN_STARTED, f"TrainingRun {name}: {reason}"))
+    return Held()
+
+
+@dataclass(frozen=True)
+class Held:
+    """Why a breach that held for ``for`` created nothing ('' reason: it acted, or had
+    nothing to create); ``refused``: the spec or the cluster must change (Ready=False)."""
+
+    reason: str = ""
+    message: str = ""
+    refused: bool = False
+    cooldown: bool = False
+
+
+def _held(policy: DriftPolicy, decision: Decision, why: str) -> Held:
+    if policy.status.phase != "Cooldown":
+        decision.events.append(("Normal", reasons.RETRAIN_HELD, f"drift holds, no retrain: {why}"))
+    return Held(reasons.RETRAIN_HELD, why, cooldown=True)
+
+
+def _evidence_of(rendered: str) -> dict[str, Any]:
+    try:
+        body = json.loads(rendered) if rendered else {}
+        return dict(json.loads(body["metadata"]["annotations"][DRIFT_EVIDENCE_ANNOTATION]))
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def retrain_body(
+    policy: DriftPolicy,
+    template: Mapping[str, Any],
+    served: Served,
+    status: DriftPolicyStatus,
+    results: Sequence[Result],
+    *,
+    name: str,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The TrainingRun a retrain creates: the template's spec, with the window's served
+    labelled rows as (or added to) its data, the followed alias as its registration alias,
+    the served version as its parent, suspended when approval is manual; labelled, owned and
+    annotated with the evidence."""
+    action = policy.spec.action
+    spec = json.loads(json.dumps(dict(template)))  # a deep copy of plain JSON
+    spec.pop("schedule", None)
+    start = now - dt.timedelta(seconds=seconds(policy.spec.window))
+    served_rows = {
+        "uri": served.request_log_uri,
+        "format": "requestLog",
+        "since": rfc3339(start),
+    }
+    data = dict(spec.get("data") or {})
+    if action.data == "served":
+        data = {
+            key: value
+            for key, value in data.items()
+            if key in ("target", "task", "features", "split")
+        } | served_rows
+    elif action.data == "both":
+        data["extra"] = [*(data.get("extra") or []), served_rows][-4:]
+    spec["data"] = data
+    registration = dict(spec.get("registration") or {})
+    if served.followed_alias:
+        registration["alias"] = served.followed_alias
+    if status.baseline_version:
+        registration["parentVersion"] = status.baseline_version
+    spec["registration"] = registration
+    if action.approval == "manual":
+        spec["suspend"] = True
+    breaching = [r for r in results if r.outcome == "Breach"]
+    evidence = {
+        "policy": policy.name,
+        "baselineVersion": status.baseline_version,
+        "window": policy.spec.window,
+        "windowStart": rfc3339(start),
+        "windowEnd": rfc3339(now),
+        "breachingSince": status.breaching_since,
+        "for": policy.spec.for_,
+        "data": action.data,
+        "signals": [
+            {
+                "name": r.name,
+                "type": r.type,
+                "value": r.value,
+                "threshold": r.threshold,
+                "count": r.count,
+                "feature": r.feature,
+                "outcome": r.outcome,
+            }
+            for r in results
+        ],
+        "topFeatures": [s.model_dump(mode="json") for s in status.top_features],
+    }
+    reason = (
+        f"drift on {status.baseline_version or 'the served version'}: "
+        + "; ".join(
+            f"{r.name} {r.score_text()} {'<' if r.below else '>'} {r.threshold:.3g} "
+            f"(n={r.count or 0:g})"
+            for r in breaching
+            if r.threshold is not None
+        )
+        + f", over {policy.spec.window} for {policy.spec.for_}"
+    )
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainingRun",
+        "metadata": {
+            "name": name,
+            "namespace": policy.namespace,
+            "labels": {DRIFT_POLICY_LABEL: policy.name},
+            "annotations": {
+                DRIFT_EVIDENCE_ANNOTATION: json.dumps(evidence, separators=(",", ":")),
+                RETRAIN_REASON_ANNOTATION: reason[:1000],
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "DriftPolicy",
+                    "name": policy.name,
+                    "uid": policy.metadata.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": False,
+                }
+            ],
+        },
+        "spec": spec,
+    }
+
+
+# --- summary ---------------------------------------------------------------------------------
+
+
+def _phase(
+    policy: DriftPolicy,
+    *,
+    current: str,
+    firing: bool,
+    active: RetrainRecord | None,
+    held: Held,
+) -> Phase:
+    if policy.spec.suspend:
+        return "Suspended"
+    if active is not None:
+        return "AwaitingApproval" if active.outcome == "AwaitingApproval" else "Retraining"
+    if held.cooldown:
+        return "Cooldown"
+    if firing:
+        return "Drifted"
+    if current == "Breach":
+        return "Pending"
+    return "Watching"
+
+
+def _ready(policy: DriftPolicy, status: DriftPolicyStatus, held: Held) -> tuple[str, str]:
+    if held.reason:
+        return held.reason, held.message
+    if not status.history:
+        return reasons.WATCHING, f"watching {policy.spec.target.name}; first evaluation pending"
+    last = status.history[-1]
+    if last.outcome == "Inconclusive":
+        why = "; ".join(
+            f"{s.name}: {s.message}" for s in status.signals if s.outcome == "Inconclusive"
+        )
+        return reasons.INCONCLUSIVE, f"latest evaluation inconclusive ({why})"[:1000]
+    return reasons.WATCHING, f"latest evaluation {last.outcome}: {last.score}"
+
+
+def _age_s(stamp: str, now: dt.datetime) -> float:
+    when = parse_rfc3339(stamp)
+    return (now - when).total_seconds() if when else float("inf")
