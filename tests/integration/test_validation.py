@@ -219,6 +219,49 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
         ("spec.signals[0].query", "a promql signal needs query"),
     ),
     ("dp-unknown-field", with_(DP, "spec.retrain", True), ('unknown field "spec.retrain"',)),
+    (
+        "dp-window-shorter-than-interval",
+        with_(with_(DP, "spec.interval", "5m"), "spec.window", "1m"),
+        ("spec.window", "window must be at least interval"),
+    ),
+    ("dp-zero-interval", with_(DP, "spec.interval", "0s"), ("spec.interval", "longer than 0s")),
+    (
+        "dp-feature-on-accuracy",
+        with_(
+            DP,
+            "spec.signals",
+            [{"name": "a", "type": "accuracy", "feature": "x", "threshold": 0.8}],
+        ),
+        ("spec.signals[0].feature", "only for per-feature signals"),
+    ),
+    (
+        "dp-share-without-star",
+        with_(
+            DP,
+            "spec.signals",
+            [{"name": "a", "type": "psi", "feature": "x", "share": 0.5, "threshold": 0.2}],
+        ),
+        ("spec.signals[0].share", "feature: '*' only"),
+    ),
+    (
+        "dp-share-out-of-range",
+        with_(
+            DP,
+            "spec.signals",
+            [{"name": "a", "type": "psi", "feature": "*", "share": 1.5, "threshold": 0.2}],
+        ),
+        ("spec.signals[0].share", "less than or equal to 1"),
+    ),
+    (
+        "dp-dry-run-observe",
+        with_(DP, "spec.action", {"mode": "observe", "dryRun": True}),
+        ("spec.action.dryRun", "dryRun applies to mode retrain"),
+    ),
+    (
+        "dp-unknown-mode",
+        with_(DP, "spec.action", {"mode": "panic"}),
+        ("spec.action.mode", "Unsupported value"),
+    ),
 ]
 
 

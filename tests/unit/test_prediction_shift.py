@@ -21,7 +21,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from kubeloop.contract import serving_metrics as names
-from kubeloop.contract.reference import CLASSIFIER_EDGES, bucket_labels
+from kubeloop.contract.reference import CLASSIFIER_EDGES
+from kubeloop.contract.serving_metrics import bucket_labels
 from kubeloop.planning.canary import psi
 from kubeloop.planning.promql import builtin_queries
 from kubeloop.serving.predictor import Predictor, ServingOptions

@@ -21,10 +21,10 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from kubeloop.contract import serving_metrics as contract
+from kubeloop.contract.serving_metrics import bucket_labels
 from kubeloop.contract.reference import (
     CLASSIFIER_EDGES,
     bucket_index,
-    bucket_labels,
     input_summary,
     n_buckets,
     prediction_score,
