@@ -21,7 +21,6 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from kubeloop.contract import serving_metrics as contract
-from kubeloop.contract.serving_metrics import bucket_labels
 from kubeloop.contract.reference import (
     CLASSIFIER_EDGES,
     bucket_index,
@@ -30,6 +29,7 @@ from kubeloop.contract.reference import (
     prediction_score,
     summary_features,
 )
+from kubeloop.contract.serving_metrics import bucket_labels
 
 REQUESTS = Counter(
     contract.REQUESTS,
