@@ -24,6 +24,7 @@ from kopf.testing import KopfRunner
 from kubeloop.backends.kube import MODEL_DEPLOYMENTS, MODEL_VERSIONS, KubeClient
 from kubeloop.backends.prometheus import PrometheusClient
 from kubeloop.backends.serving_local import LocalServingBackend
+from kubeloop.contract.labels import APPROVE_ANNOTATION
 from kubeloop.serving.samples import breast_cancer_rows, train_tabular_model, write_broken_model
 from tests.integration.conftest import condition, eventually, operator_process
 
@@ -302,6 +303,50 @@ async def test_a_canary_without_traffic_is_held_never_promoted(
     assert st["canary"]["weight"] == 20
     assert st["stable"]["modelVersion"] == "churn-v1"
     assert {r["verdict"] for r in st["analysis"]} == {"Inconclusive"}
+
+
+async def test_manual_approval_holds_the_canary_before_the_last_step_until_annotated(
+    serving_env: Path,
+    kube: KubeClient,
+    namespace: str,
+    operator: KopfRunner,
+    artifact_root: Path,
+    models: dict[str, Path],
+) -> None:
+    await register(kube, namespace, artifact_root, models, "v1", "v2")
+    doc = deployment("churn-v1")
+    doc["spec"]["rollout"]["approval"] = "manual"
+    st = await serve(kube, namespace, doc)
+    with Traffic(st["url"]):
+        await point_to(kube, namespace, "churn-v2")
+
+        async def awaiting() -> dict[str, Any] | None:
+            cond = condition(await kube.get(MODEL_DEPLOYMENTS, namespace, "churn"), "Progressing")
+            return cond if cond and cond["reason"] == "AwaitingApproval" else None
+
+        cond = await eventually(awaiting, within=90, what="AwaitingApproval")
+        command = f"kubectl annotate modeldeployment churn {APPROVE_ANNOTATION}=churn-v2"
+        assert command in cond["message"]
+        await asyncio.sleep(10)  # more than two intervals: the analysis passes, it stays held
+        held = await md_status(kube, namespace)
+        assert (held["canary"]["weight"], held["currentStep"], held["phase"]) == (
+            50,
+            1,
+            "Progressing",
+        )
+        await kube.patch(
+            MODEL_DEPLOYMENTS,
+            namespace,
+            "churn",
+            {"metadata": {"annotations": {APPROVE_ANNOTATION: "churn-v2"}}},
+        )
+        st = await eventually(
+            lambda: serving(kube, namespace, "churn-v2"), within=60, what="promoted once approved"
+        )
+    assert st["history"][-1]["result"] == "Promoted"
+    assert 2 in {r["step"] for r in st["analysis"] if r["verdict"] == "Pass"}  # 100 % was judged
+    md = await kube.get(MODEL_DEPLOYMENTS, namespace, "churn")
+    assert APPROVE_ANNOTATION not in (md["metadata"].get("annotations") or {})  # used up
 
 
 async def test_operator_restart_mid_rollout_resumes_at_the_recorded_step(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -34,6 +35,7 @@ def step(
     m: Measurements | None = None,
     *,
     canary_ready: bool = True,
+    approval: canary.Approval | None = None,
 ) -> canary.Decision:
     return plan_rollout(
         sp,
@@ -44,6 +46,7 @@ def step(
         canary_ready=canary_ready,
         measurements=m,
         now=T0 + dt.timedelta(seconds=at),
+        approval=approval,
     )
 
 
@@ -228,3 +231,180 @@ def test_analysis_is_due_exactly_when_the_plan_would_judge_the_step() -> None:
     assert not due(started, 60, canary_ready=False)
     assert not due(started, 60, target="m-v3")  # a new target restarts the rollout instead
     assert not due(started, 60, sp=spec().model_copy(update={"paused": True}))
+
+
+# --- approval before the last step ---------------------------------------------------------
+
+
+def annotated(value: str | None = None) -> canary.Approval:
+    """ModelDeployment team-a/churn, with kubeloop.dev/approve=``value`` (None: without)."""
+    return canary.Approval("churn", "team-a", value)
+
+
+def manual(**rollout: Any) -> ModelDeploymentSpec:
+    return spec(approval="manual", **rollout)
+
+
+def at_the_hold(sp: ModelDeploymentSpec) -> canary.Decision:
+    """m-v2 through step 0 (10 %) and step 1 (50 %, the step before the last) at 120 s."""
+    d = step(sp, serving(), "m-v2", 0)
+    d = step(sp, d.status, "m-v2", 60, HEALTHY, approval=annotated())
+    assert d.weight == 50
+    return step(sp, d.status, "m-v2", 120, HEALTHY, approval=annotated())
+
+
+def reasons_of(d: canary.Decision) -> list[str]:
+    return [reason for _type, reason, _message in d.events]
+
+
+def progressing(d: canary.Decision) -> tuple[str, str, str]:
+    cond = find(d.status.conditions, "Progressing")
+    assert cond is not None
+    return cond.status, cond.reason, cond.message
+
+
+def test_manual_approval_holds_the_step_before_the_last_until_annotated() -> None:
+    sp = manual()
+    d = at_the_hold(sp)
+    assert (d.canary, d.weight, d.status.current_step) == ("m-v2", 50, 1)
+    assert d.status.phase == "Progressing"
+    command = "kubectl annotate modeldeployment churn kubeloop.dev/approve=m-v2 -n team-a"
+    assert reasons_of(d) == ["AwaitingApproval"]
+    assert command in d.events[0][2]
+    status, reason, message = progressing(d)
+    assert (status, reason) == ("True", "AwaitingApproval")
+    assert command in message
+    # Held: the analyses go on passing, yet it stays at 50 % and says nothing more ...
+    for at in (180, 240, 300):
+        d = step(sp, d.status, "m-v2", at, HEALTHY, approval=annotated())
+        assert (d.weight, d.events, d.promoted) == (50, [], None)
+    # ... an annotation naming another version does not approve it, and the message says so.
+    d = step(sp, d.status, "m-v2", 310, approval=annotated("m-v9"))
+    assert (d.weight, d.clear_approval) == (50, False)
+    assert "kubeloop.dev/approve=m-v9 names another version" in progressing(d)[2]
+    # Approved: the last step at once, one Event, and the annotation is to be removed.
+    d = step(sp, d.status, "m-v2", 320, approval=annotated("m-v2"))
+    assert (d.weight, d.status.current_step, d.clear_approval) == (100, 2, True)
+    assert reasons_of(d) == ["Approved"]
+    assert progressing(d)[1] == "Approved"
+    # ... then it concludes as usual: the last step's own analysis, a full interval later.
+    assert not step(sp, d.status, "m-v2", 350).analyse
+    d = step(sp, d.status, "m-v2", 380, HEALTHY)
+    assert (d.stable, d.promoted, d.status.phase) == ("m-v2", "m-v2", "Serving")
+    assert (d.status.approval_requested_at, d.status.approved_at) == ("", "")
+
+
+def test_approval_by_true_or_given_before_the_hold() -> None:
+    sp = manual()
+    assert step(sp, at_the_hold(sp).status, "m-v2", 130, approval=annotated("true")).weight == 100
+    # Annotated before the step passed: no wait, and only the Approved Event.
+    d = step(sp, serving(), "m-v2", 0)
+    d = step(sp, d.status, "m-v2", 60, HEALTHY, approval=annotated("m-v2"))
+    d = step(sp, d.status, "m-v2", 120, HEALTHY, approval=annotated("m-v2"))
+    assert (d.weight, reasons_of(d)) == (100, ["Approved"])
+
+
+def test_without_approval_the_canary_walks_on_past_the_step_before_the_last() -> None:
+    d = at_the_hold(spec())
+    assert (d.weight, reasons_of(d)) == (100, ["CanaryAdvanced"])
+
+
+def test_the_wait_for_approval_does_not_count_against_max_duration() -> None:
+    sp = manual(maxDuration="10m")
+    d = at_the_hold(sp)  # 120 s of rollout, then the wait
+    d = step(sp, d.status, "m-v2", 3 * 3600, approval=annotated())
+    assert (d.canary, d.weight) == ("m-v2", 50)  # three hours on: still waiting
+    d = step(sp, d.status, "m-v2", 3 * 3600 + 1, approval=annotated("m-v2"))
+    assert d.weight == 100
+    # The clock runs again from approval: the 10 minutes end 480 s after it.
+    assert step(sp, d.status, "m-v2", 3 * 3600 + 470).canary == "m-v2"
+    late = step(sp, d.status, "m-v2", 3 * 3600 + 490)
+    assert (late.canary, late.status.phase) == (None, "RolledBack")
+    assert "maxDuration" in late.status.history[-1].reason
+
+
+def test_a_waiting_canary_is_still_analysed_and_rolls_back_when_it_fails() -> None:
+    sp = manual(analysis={"failureLimit": 1})
+    d = at_the_hold(sp)
+    assert not step(sp, d.status, "m-v2", 150).analyse  # one interval after the last analysis
+    assert step(sp, d.status, "m-v2", 180).analyse
+    broken = Measurements(requests=400, error_rate=0.5, p99_latency_ms=20, prediction_shift=0)
+    d = step(sp, d.status, "m-v2", 180, broken)
+    assert (d.canary, d.status.phase) == (None, "RolledBack")
+    assert "errorRate=0.5" in d.status.history[-1].reason
+
+
+@pytest.mark.parametrize(("action", "result"), [("promote", "Promoted"), ("abort", "Aborted")])
+def test_manual_actions_still_work_while_waiting_for_approval(action: str, result: str) -> None:
+    d = at_the_hold(manual())
+    acted = step(manual().model_copy(update={"manual_action": action}), d.status, "m-v2", 130)
+    assert (acted.canary, acted.weight, acted.reset_manual_action) == (None, 0, True)
+    assert acted.status.history[-1].result == result
+    assert acted.stable == ("m-v2" if action == "promote" else "m-v1")
+
+
+def test_switching_approval_off_releases_the_hold_at_the_next_analysis() -> None:
+    d = at_the_hold(manual())
+    assert step(spec(), d.status, "m-v2", 180, HEALTHY).weight == 100
+
+
+# --- labelled accuracy ---------------------------------------------------------------------
+
+LABELLED = spec(analysis={"maxAccuracyDrop": 0.02, "minLabelledRows": 50})
+
+
+def labelled(task: str, mine: float | None, theirs: float, **over: Any) -> Measurements:
+    rows = {"canary_rows": 500.0, "stable_rows": 500.0}
+    quality = canary.LabelledQuality(task, mine, theirs, **{**rows, **over})  # type: ignore[arg-type]
+    return dataclasses.replace(HEALTHY, labelled=quality)
+
+
+def labelled_results(sp: ModelDeploymentSpec, m: Measurements) -> dict[str, tuple[Any, str]]:
+    results = canary.judge(sp, m, 0, T0)
+    return {r.check: (r.value, r.verdict) for r in results if r.check.startswith("labelled")}
+
+
+@pytest.mark.parametrize(
+    ("task", "mine", "theirs", "drop", "verdict"),
+    [
+        ("classification", 0.90, 0.91, 0.01, "Pass"),  # 1 point worse: within 2
+        ("classification", 0.88, 0.91, 0.03, "Fail"),
+        ("classification", 0.95, 0.91, -0.04, "Pass"),  # better
+        ("regression", 10.1, 10.0, 0.01, "Pass"),  # MAE 1 % higher: within 2 %
+        ("regression", 10.5, 10.0, 0.05, "Fail"),
+        ("regression", 9.0, 10.0, -0.1, "Pass"),
+    ],
+)
+def test_labelled_accuracy_is_compared_with_the_stable(
+    task: str, mine: float, theirs: float, drop: float, verdict: str
+) -> None:
+    got = labelled_results(LABELLED, labelled(task, mine, theirs))
+    assert got["labelledRows"] == (500, "Pass")
+    value, seen = got["labelledAccuracyDrop"]
+    assert (value, seen) == (pytest.approx(drop), verdict)
+
+
+@pytest.mark.parametrize(
+    "m",
+    [
+        labelled("classification", 0.5, 0.9, canary_rows=49),
+        labelled("classification", 0.5, 0.9, stable_rows=10),
+        labelled("classification", None, 0.9),  # no accuracy series for the canary
+        dataclasses.replace(labelled("classification", 0.5, 0.9), requests=3),
+        HEALTHY,  # not measured (no task known, or Prometheus unavailable)
+    ],
+    ids=["few-canary-rows", "few-stable-rows", "no-accuracy", "few-requests", "not-measured"],
+)
+def test_labelled_accuracy_on_too_little_data_is_inconclusive_and_holds(m: Measurements) -> None:
+    assert labelled_results(LABELLED, m)["labelledAccuracyDrop"][1] == "Inconclusive"
+    d = step(LABELLED, step(LABELLED, serving(), "m-v2", 0).status, "m-v2", 60, m)
+    assert (d.weight, d.status.failed_checks) == (10, 0)  # neither advanced nor failed
+
+
+def test_a_less_accurate_canary_rolls_back_and_the_check_is_off_unless_set() -> None:
+    worse = labelled("classification", 0.80, 0.95)
+    assert labelled_results(spec(), worse) == {}
+    sp = spec(analysis={"maxAccuracyDrop": 0.02, "failureLimit": 1})
+    d = step(sp, step(sp, serving(), "m-v2", 0).status, "m-v2", 60, worse)
+    assert (d.canary, d.status.phase) == (None, "RolledBack")
+    assert "labelledAccuracyDrop=0.15" in d.status.history[-1].reason

@@ -183,6 +183,23 @@ class Analysis(ApiModel):
     failure_limit: int = Field(
         default=2, ge=1, le=100, description="Failed checks before rollback."
     )
+    max_accuracy_drop: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Compare the canary's labelled quality (labels fed back to the runtime) "
+        "with the stable's, both over the rollout so far (labels arrive late, so they "
+        "accumulate across steps): classification fails when the canary's accuracy is below "
+        "the stable's minus this (in accuracy points, e.g. 0.02); regression fails when the "
+        "canary's MAE is above the stable's times (1 + this). Unset: no such check.",
+    )
+    min_labelled_rows: int = Field(
+        default=50,
+        ge=1,
+        le=10**9,
+        description="Fewest labelled rows on each side (canary and stable) for a verdict on "
+        "maxAccuracyDrop; fewer is inconclusive and holds the step.",
+    )
     metrics: list[CustomMetric] = Field(
         default_factory=list, max_length=16, description="Extra PromQL checks."
     )
@@ -197,6 +214,12 @@ class Rollout(ApiModel):
                 "self.strategy != 'canary' || size(self.steps) > 0",
                 "a canary needs at least one step",
                 field_path=".steps",
+            ),
+            cel(
+                "self.approval != 'manual' || (self.strategy == 'canary' && size(self.steps) > 1)",
+                "approval: manual holds the canary at the step before the last: it needs "
+                "strategy canary and at least two steps",
+                field_path=".approval",
             ),
         )
     }
@@ -217,7 +240,20 @@ class Rollout(ApiModel):
         description="Canary traffic percentages, strictly increasing, ending at 100.",
     )
     interval: Duration = Field(default="60s", description="Time between analyses.")
-    max_duration: Duration = Field(default="2h", description="Abort after this long.")
+    max_duration: Duration = Field(
+        default="2h",
+        description="Roll back a canary not promoted after this long; a wait for approval "
+        "does not count.",
+    )
+    approval: Literal["none", "manual"] = Field(
+        default="none",
+        description="manual: a canary that passed the analysis of the step before the last "
+        "holds there (phase Progressing, condition Progressing reason AwaitingApproval; its "
+        "analysis goes on, so it can still roll back) for as long as it takes, until the "
+        "ModelDeployment is annotated kubeloop.dev/approve=<the canary's ModelVersion> (or "
+        "true); then it takes the last step and is promoted as usual, and the operator "
+        "removes the annotation. manualAction still promotes or aborts while it waits.",
+    )
     analysis: Analysis = Field(default_factory=Analysis, description="Health checks.")
     promote_alias: Alias | None = Field(
         default=None,
@@ -249,7 +285,10 @@ class AnalysisResult(ApiModel):
     """One health check at one step."""
 
     step: int = Field(ge=0, description="Step index.")
-    check: ShortText = Field(description="errorRate, p99LatencyMs, predictionShift or custom.")
+    check: ShortText = Field(
+        description="requests, errorRate, p99LatencyMs, predictionShift, labelledRows, "
+        "labelledAccuracyDrop or a custom metric's name."
+    )
     value: float | None = Field(default=None, description="Measured value (none: no data).")
     verdict: Literal["Pass", "Fail", "Inconclusive"] = Field(description="Outcome.")
     time: ShortText = Field(default="", description="When measured.")
@@ -279,6 +318,13 @@ class ModelDeploymentStatus(StatusBase):
     step_started_at: ShortText = Field(default="", description="When the step began.")
     rollout_started_at: ShortText = Field(default="", description="When this rollout began.")
     failed_checks: int = Field(default=0, ge=0, description="Failed analyses this rollout.")
+    approval_requested_at: ShortText = Field(
+        default="",
+        description="When the canary began waiting for approval (rollout.approval: manual).",
+    )
+    approved_at: ShortText = Field(
+        default="", description="When the canary was approved to take the last step."
+    )
     analysis: list[AnalysisResult] = Field(
         default_factory=list, max_length=64, description="Latest analysis results."
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kubeloop import reasons
 from kubeloop.api.model_deployment import ModelDeployment
@@ -20,6 +21,7 @@ from kubeloop.backends.prometheus import (
 )
 from kubeloop.contract.durations import parse_rfc3339, seconds
 from kubeloop.planning import canary
+from kubeloop.planning import feedback_queries as fq
 from kubeloop.planning.promql import UnsafeQuery, builtin_queries, scope_query
 
 
@@ -30,8 +32,16 @@ class Measured:
 
 
 async def measure(
-    prom: PrometheusClient, md: ModelDeployment, *, stable: str, candidate: str, now: dt.datetime
+    prom: PrometheusClient,
+    md: ModelDeployment,
+    *,
+    stable: str,
+    candidate: str,
+    now: dt.datetime,
+    task: Literal["classification", "regression"] | None = None,
 ) -> Measured:
+    """The canary's measurements; ``task`` (the versions' ModelVersion ``spec.task``; None:
+    unknown) picks accuracy or MAE for ``analysis.maxAccuracyDrop``."""
     ns, window = md.namespace, md.spec.rollout.interval
     mine = builtin_queries(ns, md.name, candidate, window)
     # The stable's predictions are the baseline; at the last steps it gets little or no
@@ -48,6 +58,11 @@ async def measure(
             await prom.query_vector(theirs["prediction_fractions"]),
             await prom.query_vector(mine["prediction_fractions"]),
         )
+        labelled = None
+        if md.spec.rollout.analysis.max_accuracy_drop is not None and task is not None:
+            labelled = await _labelled_quality(
+                prom, md, task, stable=stable, candidate=candidate, window=baseline
+            )
     except PrometheusUnavailable as exc:
         return Measured(
             canary.Measurements(),
@@ -70,4 +85,27 @@ async def measure(
         except PrometheusUnavailable as exc:
             custom[metric.name] = None
             warnings.append((reasons.PROMETHEUS_UNAVAILABLE, str(exc)))
-    return Measured(canary.Measurements(requests, error_rate, p99, shift, custom), warnings)
+    values = canary.Measurements(requests, error_rate, p99, shift, custom, labelled)
+    return Measured(values, warnings)
+
+
+async def _labelled_quality(
+    prom: PrometheusClient,
+    md: ModelDeployment,
+    task: Literal["classification", "regression"],
+    *,
+    stable: str,
+    candidate: str,
+    window: str,
+) -> canary.LabelledQuality:
+    """Accuracy or MAE of both versions over the same window: the rollout so far, since labels
+    arrive late and a canary at a low weight gathers few of them in one interval."""
+    quality = fq.accuracy if task == "classification" else fq.mae
+
+    async def of(version: str) -> tuple[float | None, float | None]:
+        args = (md.namespace, md.name, version, window)
+        value = await prom.query_value(quality(*args))
+        return value, await prom.query_value(fq.labelled_rows(*args))
+
+    (mine, my_rows), (theirs, their_rows) = await of(candidate), await of(stable)
+    return canary.LabelledQuality(task, mine, theirs, my_rows, their_rows)

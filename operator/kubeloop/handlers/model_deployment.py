@@ -2,17 +2,18 @@
 
 One daemon per ModelDeployment, in the shape of every kubeloop daemon (``handlers/daemon.py``):
 observe — the version the spec means (from the registry index), what the backend serves now,
-and, when a step is due for judgement, the canary's measurements from Prometheus — then
-``planning.canary.plan_rollout`` decides once, the backend serves the decided placement once,
-and the status is written once. A restarted operator starts the daemon again and resumes from
-status; the backend re-attaches to what it finds.
+the approve annotation and, when a step is due for judgement, the canary's measurements from
+Prometheus — then ``planning.canary.plan_rollout`` decides once, the backend serves the decided
+placement once, and the status is written once (then a used approve annotation is removed). A
+restarted operator starts the daemon again and resumes from status; the backend re-attaches to
+what it finds.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import kopf
 
@@ -22,6 +23,7 @@ from kubeloop.api.model_version import ModelVersion
 from kubeloop.backends.canary_metrics import Measured, measure
 from kubeloop.backends.kube import MODEL_DEPLOYMENTS, TRAINING_RUNS, NotFound
 from kubeloop.backends.registry import Registry
+from kubeloop.contract.labels import APPROVE_ANNOTATION
 from kubeloop.handlers import daemon
 from kubeloop.handlers.errors import reconciler
 from kubeloop.handlers.startup import Context, context
@@ -38,6 +40,7 @@ class Observed:
     versions: dict[str, ModelVersion]  # by name: the stable and the target version
     serving: ServingState
     measured: Measured | None
+    approval: canary.Approval  # what the approve annotation says
     prediction_edges: tuple[float, ...] = ()  # shared by every version of the model
 
 
@@ -118,8 +121,20 @@ async def observe(
             stable=status.stable.model_version,
             candidate=status.canary.model_version,
             now=now,
+            task=_shared_task(known, status.stable.model_version, status.canary.model_version),
         )
-    return Observed(target, known, seen, measured, edges)
+    approval = canary.Approval(
+        md.name, md.namespace, md.metadata.annotations.get(APPROVE_ANNOTATION)
+    )
+    return Observed(target, known, seen, measured, approval, edges)
+
+
+def _shared_task(
+    versions: dict[str, ModelVersion], stable: str, candidate: str
+) -> Literal["classification", "regression"] | None:
+    """The task both versions predict (None: unknown, or they differ and cannot compare)."""
+    tasks = {v.spec.task for name, v in versions.items() if name in (stable, candidate)}
+    return tasks.pop() if len(tasks) == 1 and stable in versions and candidate in versions else None
 
 
 async def reconcile_deployment(
@@ -137,6 +152,7 @@ async def reconcile_deployment(
         canary_ready=seen.serving.canary_ready,
         measurements=seen.measured.values if seen.measured else None,
         now=now,
+        approval=seen.approval,
     )
     status = decision.status
     decided = (decision.stable, decision.canary, decision.weight)
@@ -169,6 +185,13 @@ async def reconcile_deployment(
     if decision.reset_manual_action and md.spec.manual_action != "none":
         await ctx.kube.patch(
             MODEL_DEPLOYMENTS, md.namespace, md.name, {"spec": {"manualAction": "none"}}
+        )
+    if decision.clear_approval:  # after the status records the approval
+        await ctx.kube.patch(
+            MODEL_DEPLOYMENTS,
+            md.namespace,
+            md.name,
+            {"metadata": {"annotations": {APPROVE_ANNOTATION: None}}},
         )
     for _type, reason, message in decision.events:
         logger.info("%s: %s", reason, message)

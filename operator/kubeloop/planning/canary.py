@@ -2,6 +2,12 @@
 
 Flagger's and Argo Rollouts' hardest bugs were missing metrics that promoted a canary; here a
 check without data is *Inconclusive*, and an inconclusive step is held, never promoted.
+
+With ``rollout.approval: manual`` a canary that passed the step before the last holds there
+until the deployment's approve annotation names it (Flagger's confirm-promotion): the phase
+stays Progressing, not Paused, because the analysis goes on while it waits (Paused is the
+user's ``spec.paused``, which stops the analysis), and the wait does not count against
+``maxDuration``, since a person may take a weekend to decide.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import datetime as dt
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kubeloop import reasons
 from kubeloop.api.base import Condition
@@ -21,9 +28,35 @@ from kubeloop.api.model_deployment import (
     VersionWeight,
 )
 from kubeloop.contract.durations import parse_rfc3339, rfc3339, seconds
+from kubeloop.contract.labels import APPROVE_ANNOTATION
 from kubeloop.planning.conditions import set_condition
 
 HISTORY_LIMIT = 20
+# A stable MAE of 0 still gives a finite relative increase (the status stores a number).
+_MAE_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class LabelledQuality:
+    """Labelled outcomes of the canary and the stable over the same window (None: no data):
+    accuracy for classification, MAE for regression, and the labelled rows behind each."""
+
+    task: Literal["classification", "regression"]
+    canary: float | None = None
+    stable: float | None = None
+    canary_rows: float | None = None
+    stable_rows: float | None = None
+
+    def drop(self) -> float | None:
+        """How much worse the canary is than the stable: accuracy points (classification) or
+        the relative increase of the MAE (regression); negative when it is better."""
+        if self.canary is None or self.stable is None:
+            return None
+        if math.isnan(self.canary) or math.isnan(self.stable):
+            return None
+        if self.task == "classification":
+            return self.stable - self.canary
+        return (self.canary - self.stable) / max(self.stable, _MAE_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -36,6 +69,27 @@ class Measurements:
     p99_latency_ms: float | None = None
     prediction_shift: float | None = None
     custom: Mapping[str, float | None] = field(default_factory=dict)
+    labelled: LabelledQuality | None = None  # None: not measured (no task, or no Prometheus)
+
+
+@dataclass(frozen=True)
+class Approval:
+    """The deployment's approve annotation, as the handler read it (the plan stays pure)."""
+
+    deployment: str = "NAME"  # the ModelDeployment, named by the command in the messages
+    namespace: str = ""
+    value: str | None = None  # the annotation's value; None: not annotated
+
+    def approves(self, canary: str) -> bool:
+        value = (self.value or "").strip()
+        return value == canary or value.lower() == "true"
+
+    def command(self, canary: str) -> str:
+        namespace = f" -n {self.namespace}" if self.namespace else ""
+        return (
+            f"kubectl annotate modeldeployment {self.deployment} "
+            f"{APPROVE_ANNOTATION}={canary}{namespace} --overwrite"
+        )
 
 
 @dataclass(frozen=True)
@@ -58,6 +112,7 @@ class Decision:
     events: list[tuple[str, str, str]] = field(default_factory=list)
     promoted: str | None = None  # a version that just became stable (claims the promote alias)
     reset_manual_action: bool = False
+    clear_approval: bool = False  # the approve annotation was used: remove it
 
 
 def analysis_due(
@@ -121,6 +176,15 @@ def judge(
         bounded("predictionShift", m.prediction_shift, None, a.max_prediction_shift)
     for metric in a.metrics:
         bounded(metric.name, m.custom.get(metric.name), metric.min, metric.max)
+    if a.max_accuracy_drop is not None:
+        q = m.labelled
+        rows = None
+        if q is not None and q.canary_rows is not None and q.stable_rows is not None:
+            rows = min(q.canary_rows, q.stable_rows)  # the side with fewer labels decides
+        labelled = rows is not None and rows >= a.min_labelled_rows
+        results.append(result("labelledRows", rows, True if labelled else None))
+        drop = q.drop() if q is not None and labelled else None
+        bounded("labelledAccuracyDrop", drop, None, a.max_accuracy_drop)
     return results
 
 
@@ -134,10 +198,17 @@ def plan_rollout(
     canary_ready: bool,
     measurements: Measurements | None,
     now: dt.datetime,
+    approval: Approval | None = None,
 ) -> Decision:
     """One step of the rollout state machine."""
     rollout = _Rollout(
-        spec, status, target, generation=generation, stable_ready=stable_ready, now=now
+        spec,
+        status,
+        target,
+        generation=generation,
+        stable_ready=stable_ready,
+        now=now,
+        approval=approval or Approval(),
     )
     return rollout.decide(canary_ready=canary_ready, measurements=measurements)
 
@@ -154,8 +225,10 @@ class _Rollout:
         generation: int,
         stable_ready: bool,
         now: dt.datetime,
+        approval: Approval,
     ) -> None:
-        self.spec, self.target, self.now = spec, target, now
+        self.spec, self.target, self.now, self.approval = spec, target, now, approval
+        self.clear_approval = False
         self.generation, self.stable_ready = generation, stable_ready
         self.st = status.model_copy(deep=True)
         self.st.observed_generation = generation
@@ -178,7 +251,16 @@ class _Rollout:
         st.phase = phase  # type: ignore[assignment]
         st.canary = VersionWeight(model_version=canary, weight=weight)
         st.stable = VersionWeight(model_version=st.stable.model_version, weight=100 - weight)
-        _conditions(st, self.target, self.generation, self.now, self.stable_ready)
+        if canary is None:  # an approval belongs to one rollout
+            st.approval_requested_at, st.approved_at = "", ""
+        _conditions(
+            st,
+            self.target,
+            self.generation,
+            self.now,
+            stable_ready=self.stable_ready,
+            approval=self.approval,
+        )
         return Decision(
             st,
             st.stable.model_version,
@@ -189,6 +271,7 @@ class _Rollout:
             self.events,
             promoted,
             reset,
+            self.clear_approval,
         )
 
     def record(self, result: str, to_version: str, reason: str) -> None:
@@ -272,6 +355,7 @@ class _Rollout:
             return self.promote(version, "manualAction: promote")
         st.current_step, st.failed_checks, st.step_started_at = 0, 0, self.stamp
         st.rollout_started_at = self.stamp
+        st.approval_requested_at, st.approved_at = "", ""
         st.analysis = []
         weight = spec.rollout.steps[0]
         self.events.append(
@@ -291,13 +375,16 @@ class _Rollout:
         weight = spec.rollout.steps[step]
         if spec.manual_action == "promote":
             return self.promote(canary, "manualAction: promote")
-        started_rollout = parse_rfc3339(st.rollout_started_at) or self.now
-        if (self.now - started_rollout).total_seconds() > seconds(spec.rollout.max_duration):
+        if st.approval_requested_at and not st.approved_at and spec.rollout.approval != "manual":
+            st.approved_at = self.stamp  # approval was switched off: the wait ends here
+        if self.rollout_seconds() > seconds(spec.rollout.max_duration):
             return self.rollback(
                 canary, f"not promoted within maxDuration {spec.rollout.max_duration}"
             )
         if spec.paused:
             return self.finish("Paused", weight=weight, canary=canary, requeue=self.interval)
+        if st.approval_requested_at and not st.approved_at and self.approval.approves(canary):
+            return self.approve(canary, step)
         if not canary_ready:
             st.step_started_at = self.stamp  # the analysis window starts once it serves
             return self.finish("Progressing", weight=weight, canary=canary)
@@ -344,10 +431,56 @@ class _Rollout:
             return self.finish("Progressing", weight=weight, canary=canary, requeue=self.interval)
         if step + 1 >= len(spec.rollout.steps):
             return self.promote(canary, "every step passed analysis")
+        if step + 2 == len(spec.rollout.steps) and spec.rollout.approval == "manual":
+            return self.await_approval(canary, step, weight)
         st.current_step = step + 1
         weight = spec.rollout.steps[step + 1]
         self.events.append(("Normal", reasons.CANARY_ADVANCED, f"{canary} advanced to {weight}%"))
         return self.finish("Progressing", weight=weight, canary=canary, requeue=self.interval)
+
+    def await_approval(self, canary: str, step: int, weight: int) -> Decision:
+        """The step before the last passed: take the last one only once approved."""
+        st = self.st
+        if self.approval.approves(canary):  # approved before it had to wait
+            return self.approve(canary, step)
+        if not st.approval_requested_at:  # one Event when the wait begins
+            st.approval_requested_at = self.stamp
+            self.events.append(
+                (
+                    "Normal",
+                    reasons.AWAITING_APPROVAL,
+                    f"{canary} passed analysis at {weight}% and waits for approval to take "
+                    f"the last step: {self.approval.command(canary)}",
+                )
+            )
+        return self.finish("Progressing", weight=weight, canary=canary, requeue=self.interval)
+
+    def approve(self, canary: str, step: int) -> Decision:
+        st = self.st
+        st.approval_requested_at = st.approval_requested_at or self.stamp
+        st.approved_at = self.stamp
+        st.current_step, st.step_started_at = step + 1, self.stamp
+        weight = self.spec.rollout.steps[step + 1]
+        self.clear_approval = True  # `true` approves this canary, not every later one
+        self.events.append(
+            (
+                "Normal",
+                reasons.APPROVED,
+                f"{canary} approved ({APPROVE_ANNOTATION}={self.approval.value}): "
+                f"advanced to {weight}%",
+            )
+        )
+        return self.finish("Progressing", weight=weight, canary=canary, requeue=self.interval)
+
+    def rollout_seconds(self) -> float:
+        """How long the rollout has run, less its wait for approval (which may be long)."""
+        st = self.st
+        elapsed = (self.now - (parse_rfc3339(st.rollout_started_at) or self.now)).total_seconds()
+        asked = parse_rfc3339(st.approval_requested_at)
+        if asked is not None:
+            answered = parse_rfc3339(st.approved_at) or self.now
+            elapsed -= max(0.0, (answered - asked).total_seconds())
+        return elapsed
 
 
 def _last_rolled_back(status: ModelDeploymentStatus) -> str | None:
@@ -365,7 +498,13 @@ def degrade(
 
 
 def _conditions(
-    st: ModelDeploymentStatus, target: Target, generation: int, now: dt.datetime, stable_ready: bool
+    st: ModelDeploymentStatus,
+    target: Target,
+    generation: int,
+    now: dt.datetime,
+    *,
+    stable_ready: bool,
+    approval: Approval,
 ) -> None:
     conds = st.conditions
     serving = st.stable.model_version is not None and stable_ready
@@ -380,13 +519,26 @@ def _conditions(
         generation=generation,
         now=now,
     )
-    progressing = st.canary.model_version is not None
+    canary = st.canary.model_version
+    reason, message = reasons.RECONCILED, ""
+    if canary is not None:
+        reason, message = reasons.CANARY_STARTED, f"canary {canary} at {st.canary.weight}%"
+    if canary is not None and st.approval_requested_at and not st.approved_at:
+        other = approval.value is not None and not approval.approves(canary)
+        reason, message = (
+            reasons.AWAITING_APPROVAL,
+            f"canary {canary} passed analysis at {st.canary.weight}% and waits for approval "
+            f"to take the last step: {approval.command(canary)}"
+            + (f" ({APPROVE_ANNOTATION}={approval.value} names another version)" if other else ""),
+        )
+    elif canary is not None and st.approved_at:
+        reason, message = reasons.APPROVED, f"canary {canary} at {st.canary.weight}%, approved"
     conds = set_condition(
         conds,
         reasons.PROGRESSING,
-        "True" if progressing else "False",
-        reasons.CANARY_STARTED if progressing else reasons.RECONCILED,
-        f"canary {st.canary.model_version} at {st.canary.weight}%" if progressing else "",
+        "True" if canary is not None else "False",
+        reason,
+        message,
         generation=generation,
         now=now,
     )
