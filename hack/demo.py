@@ -1,10 +1,19 @@
-"""`make demo`: the loop on the embedded local control plane.
+"""`make demo`: the closed loop on the embedded local control plane (no cluster needed).
 
-1. TrainingRun (examples/02): the operator compiles the spec into a KFP pipeline, runs it with
-   the local executor (kfp.local), shows step and trial progress, and registers the model.
-2. ModelVersion (examples/01): the registry verifies artifacts and keeps one holder per alias.
-3. ModelDeployment (examples/03): a metric-gated canary promotes a good version and rolls a
-   broken one back under real traffic.
+1. A TrainingRun trains the ``payments`` fraud model on ``before`` payments (hack/demo_data.py)
+   and registers it under the alias ``candidate``.
+2. A ModelDeployment follows that alias and serves it (local model servers, a request log,
+   label feedback); clients send payments and feed back which were fraud.
+3. A DriftPolicy watches: on the steady stream it never fires.
+4. The world shifts (three features move, the fraud pattern changes). The policy sees the served
+   features leave the training reference and the labelled accuracy fall, holds the breach for
+   ``for``, and retrains on the labelled rows served since the breach began.
+5. The new version claims ``candidate``; the deployment canaries it under the same traffic and
+   promotes it; the policy re-baselines on it.
+
+Ends with a summary: the drift scores per feature, the old and new model on post-shift held-out
+payments, the rollout history and the time of each stage. The resources stay in the namespace
+``kubeloop-demo`` for ``kubectl get kubeloop``.
 """
 
 from __future__ import annotations
@@ -13,178 +22,48 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from hack import demo_data, loop  # noqa: E402
 from hack import prometheus as prometheus_mod  # noqa: E402
 from hack.cluster import cluster as cluster_mod  # noqa: E402
 from kubeloop.backends.serving_local import LocalServingBackend  # noqa: E402
-from kubeloop.serving.samples import (  # noqa: E402
-    breast_cancer_rows,
-    train_tabular_model,
-    write_broken_model,
-)
+from kubeloop.contract.labels import RETRAIN_REASON_ANNOTATION  # noqa: E402
 
 NAMESPACE = "kubeloop-demo"
 ARTIFACTS = Path(os.environ.get("KUBELOOP_ARTIFACT_ROOT", "/tmp/kubeloop/artifacts"))
+RETRAIN_MARGIN = 0.10  # the retrained model must beat the old one by this much accuracy
+PIPELINE_STEPS = ("ingest", "preprocess", "train", "evaluate", "register")  # those the spec runs
 
 
-def say(text: str) -> None:
-    print(f"\n\033[1m==> {text}\033[0m", flush=True)
+@dataclass
+class Env:
+    """What the story runs against."""
+
+    cluster: cluster_mod.Cluster
+    k: loop.Kubectl
+    prom: prometheus_mod.Prom
+    operator: subprocess.Popen[bytes]
 
 
-def kubectl(
-    cluster: cluster_mod.Cluster, *args: str, check: bool = True, stdin: str | None = None
-) -> str:
-    out = subprocess.run(
-        [str(cluster.bin_dir / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        input=stdin,
-    )
-    if check and out.returncode:
-        raise SystemExit(f"kubectl {' '.join(args)} failed: {out.stderr}")
-    return out.stdout
-
-
-def show(cluster: cluster_mod.Cluster, *args: str, stdin: str | None = None) -> None:
-    print(kubectl(cluster, *args, stdin=stdin), end="", flush=True)
-
-
-def write_artifacts() -> None:
-    """Real models for the example versions (a TrainingRun will produce them; until then the
-    demo trains small torch MLPs itself) and a third one that fails at inference."""
-    folder = ARTIFACTS / NAMESPACE / "churn"
-    for version in (1, 2):
-        if not (folder / f"v{version}" / "model.json").exists():
-            train_tabular_model(folder / f"v{version}", seed=version)
-    write_broken_model(folder / "v3")
-
-
-def wait_ready(cluster: cluster_mod.Cluster, names: list[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = kubectl(cluster, "get", "mv", "-n", NAMESPACE, "-o", "json")
-        items = {i["metadata"]["name"]: i for i in json.loads(out)["items"]}
-        if all(
-            items.get(n, {}).get("status", {}).get("phase") == "Ready"
-            and items[n]["status"].get("observedGeneration") == items[n]["metadata"]["generation"]
-            for n in names
-        ):
-            return
-        time.sleep(0.5)
-    raise SystemExit(f"ModelVersions {names} not Ready after {timeout}s")
-
-
-def fresh_namespace(cluster: cluster_mod.Cluster) -> None:
+def fresh_namespace(k: loop.Kubectl) -> None:
     """Start from an empty namespace so the demo tells the same story every run."""
-    names = kubectl(cluster, "get", "md,tr,mv", "-n", NAMESPACE, "-o", "name", check=False).split()
+    names = k.run("get", "dp,md,tr,mv", "-o", "name", check=False).split()
     for name in names:  # an earlier run that was interrupted may have left finalizers
-        kubectl(
-            cluster,
-            "patch",
-            name,
-            "-n",
-            NAMESPACE,
-            "--type=merge",
-            "-p",
-            '{"metadata":{"finalizers":null}}',
-            check=False,
-        )
-    kubectl(cluster, "delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s")
-    kubectl(cluster, "create", "namespace", NAMESPACE)
-
-
-class Traffic(threading.Thread):
-    """Steady, bounded client load on the deployment's URL (127.0.0.1 only)."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url, self.stopped, self.codes = url, threading.Event(), Counter[int]()
-        row = breast_cancer_rows(1)[0]
-        self.body = json.dumps(
-            {
-                "id": "demo",
-                "inputs": [{"name": "x", "shape": [1, len(row)], "datatype": "FP32", "data": row}],
-            }
-        ).encode()
-
-    def run(self) -> None:
-        for _ in range(50_000):
-            if self.stopped.is_set():
-                return
-            request = urllib.request.Request(
-                self.url,
-                data=self.body,
-                method="POST",
-                headers={"Content-Type": "application/json"},
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=5) as resp:
-                    self.codes[resp.status] += 1
-            except urllib.error.HTTPError as exc:
-                self.codes[exc.code] += 1
-            except OSError:
-                self.codes[0] += 1
-            time.sleep(0.02)
-
-
-def watch(
-    cluster: cluster_mod.Cluster,
-    resource: str,
-    describe: Callable[[dict[str, Any]], str],
-    until: Callable[[dict[str, Any]], bool],
-    what: str,
-    *,
-    timeout: float = 240,
-    since: float | None = None,
-) -> dict[str, Any]:
-    """Print each new state of ``resource`` (like `kubectl get -w`, optionally with the seconds
-    since ``since``) until ``until(status)``; returns that status."""
-    last, deadline = "", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        obj = json.loads(
-            kubectl(cluster, "get", *resource.split("/"), "-n", NAMESPACE, "-o", "json")
-        )
-        st = obj.get("status") or {}
-        line = describe(st)
-        if line != last:
-            prefix = "" if since is None else f"{time.monotonic() - since:6.1f}s "
-            print(f"{prefix}{line}", flush=True)
-            last = line
-        if until(st):
-            return dict(st)
-        time.sleep(0.5)
-    raise SystemExit(f"{resource} did not reach {what} in {timeout:.0f}s")
-
-
-def follow(
-    cluster: cluster_mod.Cluster,
-    until: Callable[[dict[str, Any]], bool],
-    what: str,
-    timeout: float = 240,
-) -> dict[str, Any]:
-    """The deployment's stable/canary/weight as the rollout moves."""
-
-    def describe(st: dict[str, Any]) -> str:
-        return (
-            f"  stable={st.get('stable', {}).get('modelVersion')} "
-            f"canary={st.get('canary', {}).get('modelVersion') or '-'} "
-            f"weight={st.get('canary', {}).get('weight', 0)}% phase={st.get('phase')}"
-        )
-
-    return watch(cluster, "md/churn", describe, until, what, timeout=timeout)
+        k.run("patch", name, "--type=merge", "-p", '{"metadata":{"finalizers":null}}', check=False)
+    k.run("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s", check=False)
+    k.run("create", "namespace", NAMESPACE, check=False)
 
 
 def start_operator(
@@ -209,163 +88,258 @@ def start_operator(
         )
 
 
-def training_story(cluster: cluster_mod.Cluster) -> None:
-    say("kubectl apply -f examples/02-train-tabular/  (fraud MLP: focal loss, TPE tuning, gates)")
-    started = time.monotonic()
-    show(cluster, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "02-train-tabular"))
+@contextmanager
+def environment(console: Console) -> Iterator[Env]:
+    """The local control plane, the CRDs, a fresh namespace, Prometheus and the operator."""
+    console.rule("local control plane")
+    cluster = cluster_mod.up(cluster_mod.default_state_dir())
+    k = loop.Kubectl(cluster.bin_dir / "kubectl", cluster.kubeconfig, NAMESPACE)
+    k.run("apply", "--server-side", "-f", str(ROOT / "crds"))
+    k.run("wait", "--for=condition=Established", "crd", "--all")
+    prom_state = cluster.state_dir / "prometheus"
+    LocalServingBackend(cluster.state_dir / "operator-state", prom_state / "targets").stop_all()
+    fresh_namespace(k)
+    prom = prometheus_mod.up(prom_state, targets_dir=prom_state / "targets", scrape_interval="1s")
+    console.print(f"API server {cluster.server}, Prometheus {prom.url}, namespace {NAMESPACE}")
+    operator = start_operator(cluster, prom)
+    try:
+        yield Env(cluster, k, prom, operator)
+    finally:
+        operator.terminate()
+        operator.wait(30)
+        # The model servers outlive the operator by design; the demo must not leave them.
+        LocalServingBackend(cluster.state_dir / "operator-state", prom.targets_dir).stop_all()
+        prometheus_mod.down(prom_state)
 
-    def describe(st: dict[str, Any]) -> str:
-        return (
-            f"  phase={st.get('phase')} step={st.get('currentStep') or '-'} "
-            f"trials={st.get('trials', {}).get('progress') or '-'} "
-            f"best={st.get('bestMetric') or '-'}"
+
+def progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<34}"),
+        BarColumn(bar_width=24),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def train(env: Env, bar: Progress, name: str, label: str) -> dict[str, Any]:
+    """Watch TrainingRun ``name`` through its pipeline steps until it ends."""
+    task = bar.add_task(label, total=len(PIPELINE_STEPS), info="")
+
+    def done() -> dict[str, Any] | None:
+        st = env.k.status("tr", name)
+        step = st.get("currentStep") or ""
+        position = PIPELINE_STEPS.index(step) if step in PIPELINE_STEPS else 0
+        finished = st.get("phase") in ("Succeeded", "Failed")
+        bar.update(
+            task,
+            completed=len(PIPELINE_STEPS) if finished else position,
+            info=f"{st.get('phase') or 'Pending'} {step} {st.get('bestMetric') or ''}",
         )
+        return st if finished else None
 
-    def finished(st: dict[str, Any]) -> bool:
-        return st.get("phase") in ("Succeeded", "Failed")
-
-    st = watch(cluster, "tr/fraud-mlp", describe, finished, "an end", timeout=600, since=started)
-    took = time.monotonic() - started
-    show(cluster, "get", "tr", "-n", NAMESPACE, "-o", "wide")
+    st: dict[str, Any] = loop.wait(done, within=600, what=f"TrainingRun {name} to finish")
     if st.get("phase") != "Succeeded":
         ready: dict[str, Any] = next(
             (c for c in st.get("conditions", []) if c["type"] == "Ready"), {}
         )
-        raise SystemExit(f"the training run did not succeed: {ready.get('message')}")
-    print(f"trained, evaluated, explained and registered in {took:.0f}s")
-    print(f"test metrics: {json.dumps(st.get('metrics'), indent=None)}")
-    print(f"best hyperparameters: {json.dumps(st.get('trials', {}).get('bestParams'))}")
-    say("where the model, metrics and plots are")
-    for key, uri in sorted((st.get("artifacts") or {}).items()):
-        print(f"  {key:28s} {uri}")
-    show(cluster, "get", "mv", st["modelVersion"], "-n", NAMESPACE)
-    out = kubectl(cluster, "describe", "tr", "fraud-mlp", "-n", NAMESPACE)
-    print(out[out.index("Events:") :] if "Events:" in out else out, flush=True)
+        raise SystemExit(f"TrainingRun {name} did not succeed: {ready.get('message')}")
+    return st
 
 
-def registry_story(cluster: cluster_mod.Cluster) -> None:
-    say("kubectl apply -f examples/01-register-a-model/")
-    show(cluster, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "01-register-a-model"))
-    wait_ready(cluster, ["churn-v1", "churn-v2"])
-    show(cluster, "get", "mv", "-n", NAMESPACE)
+def watch_drift(
+    env: Env, bar: Progress, traffic: loop.Traffic, label: str, *, until: str
+) -> dict[str, Any]:
+    """Show the policy's signals against their thresholds until ``until`` (steady: a few
+    evaluations; shifted: the retrain it starts)."""
+    task = bar.add_task(label, total=None, info="")
+    start, evaluations = time.monotonic(), set()
 
-
-def rollout_story(cluster: cluster_mod.Cluster, traffic: list[Traffic]) -> None:
-    say("kubectl apply -f examples/03-canary-deployment/  (interval shortened to 5s)")
-    manifest = yaml.safe_load(
-        (ROOT / "examples" / "03-canary-deployment" / "modeldeployment.yaml").read_text()
-    )
-    manifest["spec"]["rollout"]["interval"] = "5s"
-    manifest["spec"]["rollout"]["analysis"]["minRequests"] = 20
-    show(cluster, "apply", "-n", NAMESPACE, "-f", "-", stdin=yaml.safe_dump(manifest))
-    st = follow(cluster, lambda s: s.get("phase") == "Serving", "Serving")
-    traffic.append(Traffic(st["url"]))
-    traffic[0].start()
-    print(f"sending traffic to {st['url']}")
-
-    say(
-        "promote churn-v2: it claims 'production'; the registry moves the alias and the "
-        "deployment canaries it"
-    )
-    show(
-        cluster,
-        "patch",
-        "mv",
-        "churn-v2",
-        "-n",
-        NAMESPACE,
-        "--type=merge",
-        "-p",
-        '{"spec":{"aliases":["production","latest"]}}',
-    )
-    follow(
-        cluster,
-        lambda s: s.get("stable", {}).get("modelVersion") == "churn-v2",
-        "churn-v2 promoted",
-    )
-
-    say("register a broken churn-v3 as production: its canary fails and is rolled back")
-    show(
-        cluster,
-        "apply",
-        "-n",
-        NAMESPACE,
-        "-f",
-        "-",
-        stdin=yaml.safe_dump(
-            {
-                "apiVersion": "kubeloop.dev/v1alpha1",
-                "kind": "ModelVersion",
-                "metadata": {"name": "churn-v3"},
-                "spec": {
-                    "modelName": "churn",
-                    "version": 3,
-                    "aliases": ["production"],
-                    "artifact": {"uri": f"file://{ARTIFACTS / NAMESPACE / 'churn' / 'v3'}"},
-                },
-            }
-        ),
-    )
-    follow(cluster, lambda s: s.get("phase") == "RolledBack", "a rollback")
-    print(f"client responses during the demo: {dict(traffic[0].codes)}")
-    show(cluster, "get", "kubeloop", "-n", NAMESPACE)
-
-    say("the story in Events (kubectl describe md churn)")
-    out = kubectl(cluster, "describe", "md", "churn", "-n", NAMESPACE)
-    print(out[out.index("Events:") :] if "Events:" in out else out, flush=True)
-    say("the registry index (ConfigMap kubeloop-registry-churn)")
-    print(
-        kubectl(
-            cluster,
-            "get",
-            "configmap",
-            "kubeloop-registry-churn",
-            "-n",
-            NAMESPACE,
-            "-o",
-            "jsonpath={.data.index\\.json}",
+    def check() -> dict[str, Any] | None:
+        st = env.k.status("dp", loop.POLICY)
+        signals = "  ".join(
+            f"{s['name']}={_num(s.get('value'))}/{_num(s.get('threshold'))} "
+            f"{s.get('outcome', '')[:5]}"
+            for s in st.get("signals", [])
         )
+        bar.update(task, info=f"{st.get('phase', '')}  {signals}  rows={traffic.rows}")
+        if st.get("lastEvaluatedAt"):
+            evaluations.add(st["lastEvaluatedAt"])
+        if until == "steady" and len(evaluations) >= 4 and time.monotonic() - start > 12:
+            return st
+        if until == "retrain" and st.get("retrains"):
+            return st
+        return None
+
+    result: dict[str, Any] = loop.wait(check, within=240, what=f"the policy to {until}")
+    bar.update(task, total=1, completed=1)
+    return result
+
+
+def canary(env: Env, bar: Progress, version: str) -> dict[str, Any]:
+    task = bar.add_task(f"canary {version}", total=100, info="")
+
+    def promoted() -> dict[str, Any] | None:
+        st = env.k.status("md", loop.MODEL)
+        weight = st.get("canary", {}).get("weight", 0)
+        stable = st.get("stable", {}).get("modelVersion")
+        bar.update(
+            task,
+            completed=100 if stable == version else weight,
+            info=f"{st.get('phase')} stable={stable} "
+            f"canary={st.get('canary', {}).get('modelVersion') or '-'} {weight}%",
+        )
+        history = [h for h in st.get("history", []) if h.get("toVersion") == version]
+        if history and history[-1].get("result") != "Promoted":
+            last = history[-1]
+            raise SystemExit(
+                f"the canary of {version} ended {last['result']}: {last.get('reason')}"
+            )
+        return st if stable == version else None
+
+    return dict(loop.wait(promoted, within=300, what=f"{version} promoted"))
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def story(env: Env, console: Console) -> dict[str, float]:
+    """The loop; returns the stage times (seconds)."""
+    k, clock = env.k, loop.Clock()
+    data_uri = loop.write_training_data(ARTIFACTS, NAMESPACE)
+    held_out = demo_data.generate("after", 2000, seed=99)
+    docs = loop.manifests(data_uri)
+    console.rule("1. train: TrainingRun payments")
+    console.print(f"{loop.TRAIN_ROWS} payments before the shift at {data_uri}")
+    with progress(console) as bar:
+        k.apply(docs["training"])
+        first = train(env, bar, loop.MODEL, "training payments (v1)")
+    v1 = first["modelVersion"]
+    console.print(f"registered {v1}: {first.get('bestMetric')}  (alias {loop.ALIAS})")
+
+    console.rule("2. serve: ModelDeployment payments follows the alias")
+    k.apply(docs["deployment"])
+    st = loop.wait(lambda: loop.serving(k, v1), within=120, what=f"{v1} serving")
+    traffic = loop.Traffic(st["url"])
+    traffic.start()
+    console.print(f"serving {v1} at {st['url']}; clients send payments and feed back the labels")
+
+    console.rule("3. watch: DriftPolicy payments-drift on a steady stream")
+    k.apply(docs["policy"])
+    try:
+        with progress(console) as bar:
+            watch_drift(env, bar, traffic, "steady stream", until="steady")
+        if loop.retrains(k):
+            raise SystemExit("the policy retrained on a stream drawn from the reference")
+        console.print("no breach on the steady stream: no retrain")
+
+        console.rule("4. shift: travel season and a card-testing ring")
+        console.print(
+            f"features that move: {', '.join(demo_data.SHIFTED)}; the fraud pattern changes too"
+        )
+        traffic.regime = "after"
+        clock.mark("shift")
+        with progress(console) as bar:
+            drifted = watch_drift(env, bar, traffic, "drift watch", until="retrain")
+            clock.mark("acted")
+            run_name = drifted["retrains"][0]["trainingRun"]
+            run = k.get("tr", run_name) or {}
+            console.print(
+                f"retrain {run_name}: {run['metadata']['annotations'][RETRAIN_REASON_ANNOTATION]}"
+            )
+            second = train(env, bar, run_name, f"retraining ({run_name})")
+            clock.mark("retrained")
+            v2 = second["modelVersion"]
+            canary(env, bar, v2)
+            clock.mark("promoted")
+        policy = loop.wait(
+            lambda: (p := k.status("dp", loop.POLICY)).get("baselineVersion") == v2 and p,
+            within=60,
+            what="the policy to re-baseline",
+        )
+    finally:
+        traffic.stopped.set()
+    summary(
+        env,
+        console,
+        drifted=drifted,
+        policy=policy,
+        held_out=held_out,
+        versions=(v1, v2),
+        traffic=traffic,
     )
-    # Stop the model servers while the operator still runs (it owns them).
-    kubectl(cluster, "delete", "md", "churn", "-n", NAMESPACE, "--timeout=60s")
+    return {
+        "detect_s": clock.between("shift", "acted"),
+        "retrain_s": clock.between("acted", "retrained"),
+        "rollout_s": clock.between("retrained", "promoted"),
+        "total_s": clock.between("shift", "promoted"),
+    }
+
+
+def summary(
+    env: Env,
+    console: Console,
+    *,
+    drifted: dict[str, Any],
+    policy: dict[str, Any],
+    held_out: Any,
+    versions: tuple[str, str],
+    traffic: loop.Traffic,
+) -> None:
+    v1, v2 = versions
+    k = env.k
+    console.rule("summary")
+    table = Table(title="drift when the policy acted (top features)")
+    for column in ("feature", "statistic", "value", "threshold"):
+        table.add_column(column)
+    for f in drifted.get("topFeatures", []):
+        table.add_row(f["feature"], f["statistic"], f"{f['value']:.3f}", f"{f['threshold']:.4f}")
+    console.print(table)
+    scores = {}
+    for version in (v1, v2):
+        uri = (k.get("mv", version) or {})["spec"]["artifact"]["uri"]
+        scores[version] = demo_data.evaluate(uri, held_out)
+    table = Table(title="post-shift held-out payments (2000 rows, never served)")
+    for column in ("model", "accuracy", "F1 (fraud)"):
+        table.add_column(column)
+    for version, s in scores.items():
+        table.add_row(version, f"{s['accuracy']:.3f}", f"{s['f1']:.3f}")
+    console.print(table)
+    gain = scores[v2]["accuracy"] - scores[v1]["accuracy"]
+    console.print(
+        f"the retrained model is {gain:+.3f} accuracy better "
+        f"(the demo requires >= +{RETRAIN_MARGIN})"
+    )
+    md = k.status("md", loop.MODEL)
+    for h in md.get("history", []):
+        what = f"{h.get('fromVersion')} -> {h.get('toVersion')}"
+        console.print(f"rollout: {what}: {h['result']} ({h.get('reason')})")
+    for r in policy.get("retrains", []):
+        console.print(f"retrain: {r['trainingRun']} -> {r.get('modelVersion')}: {r['outcome']}")
+    console.print(
+        f"client answers {dict(traffic.codes)}, label feedback answers {dict(traffic.feedback)}"
+    )
+    console.print(k.run("get", "kubeloop"))
+    if gain < RETRAIN_MARGIN:
+        raise SystemExit(f"the retrained model is only {gain:+.3f} accuracy better")
 
 
 def main() -> int:
-    say("local control plane")
-    cluster = cluster_mod.up(cluster_mod.default_state_dir())
-    show(cluster, "get", "nodes")
-    say("installing the CRDs (generated from the pydantic models)")
-    show(cluster, "apply", "--server-side", "-f", str(ROOT / "crds"))
-    kubectl(cluster, "wait", "--for=condition=Established", "crd", "--all")
-    prom_state = cluster.state_dir / "prometheus"
-    LocalServingBackend(cluster.state_dir / "operator-state", prom_state / "targets").stop_all()
-    fresh_namespace(cluster)
-    say("training two small models (torch MLPs on scikit-learn's breast-cancer data)")
-    write_artifacts()
-    prom = prometheus_mod.up(prom_state, targets_dir=prom_state / "targets", scrape_interval="1s")
-    print(f"Prometheus at {prom.url}")
-    say(f"starting the operator (watching namespace {NAMESPACE})")
-    operator = start_operator(cluster, prom)
-    traffic: list[Traffic] = []
-    try:
-        training_story(cluster)
-        registry_story(cluster)
-        rollout_story(cluster, traffic)
-    finally:
-        for client in traffic:
-            client.stopped.set()
-        operator.terminate()
-        operator.wait(30)
-        prometheus_mod.down(prom_state)
-
-    say("done")
-    print(f"operator log:  {cluster.state_dir / 'operator-demo.log'}")
-    print(f"artifacts:     {ARTIFACTS / NAMESPACE}")
-    print(
-        f"explore:       export KUBECONFIG={cluster.kubeconfig} "
-        f"PATH={cluster.bin_dir}:$PATH; kubectl get kubeloop -A"
+    console = Console()
+    with environment(console) as env:
+        times = story(env, console)
+    console.rule("stage times")
+    for key, value in times.items():
+        console.print(f"{key:10s} {value:6.1f} s")
+    (ARTIFACTS / NAMESPACE / "loop-times.json").write_text(json.dumps(times))
+    console.print(f"operator log:  {env.cluster.state_dir / 'operator-demo.log'}")
+    console.print(
+        f"explore:       export KUBECONFIG={env.cluster.kubeconfig} "
+        f"PATH={env.cluster.bin_dir}:$PATH; kubectl get kubeloop -n {NAMESPACE}"
     )
-    print("stop:          make cluster-down")
+    console.print("stop:          make cluster-down")
     return 0
 
 

@@ -141,7 +141,8 @@ def test_a_breach_acts_only_after_it_held_for_for_then_renders_the_retrain() -> 
     spec = body["spec"]
     assert spec["data"]["format"] == "requestLog"
     assert spec["data"]["uri"] == "file:///r/team-a/log"
-    assert spec["data"]["since"] == "2026-12-01T11:55:20Z"  # the window before acting
+    # the rows since the breach began: one interval before the first breaching evaluation
+    assert spec["data"]["since"] == "2026-12-01T11:59:50Z"
     assert spec["data"]["target"] == "label"
     assert spec["data"]["split"] == {"seed": 3}
     assert spec["registration"] == {

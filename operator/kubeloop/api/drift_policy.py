@@ -198,8 +198,9 @@ class RetrainAction(ApiModel):
     )
     data: Literal["template", "served", "both"] = Field(
         default="both",
-        description="Training data of the retrain: the template's, the served rows of the "
-        "window that carry a fed-back label (the request log), or both.",
+        description="Training data of the retrain: the template's; served: the labelled rows "
+        "the deployment logged (its request log) since the breach began (one interval before "
+        "the first breaching evaluation, at most window back); or both.",
     )
     cooldown: Duration = Field(default="6h", description="Least time between two retrains.")
     max_retrains_per_day: int = Field(

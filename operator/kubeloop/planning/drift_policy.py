@@ -457,6 +457,17 @@ def _evidence_of(rendered: str) -> dict[str, Any]:
         return {}
 
 
+def served_since(policy: DriftPolicy, status: DriftPolicyStatus, now: dt.datetime) -> dt.datetime:
+    """Where the served rows of a retrain begin: one interval before the first breaching
+    evaluation (the one before it passed, so the rows before are the distribution that was
+    fine), and at most ``window`` back."""
+    start = now - dt.timedelta(seconds=seconds(policy.spec.window))
+    began = parse_rfc3339(status.breaching_since)
+    if began is not None:
+        start = max(start, began - dt.timedelta(seconds=seconds(policy.spec.interval)))
+    return start
+
+
 def retrain_body(
     policy: DriftPolicy,
     template: Mapping[str, Any],
@@ -474,7 +485,7 @@ def retrain_body(
     action = policy.spec.action
     spec = json.loads(json.dumps(dict(template)))  # a deep copy of plain JSON
     spec.pop("schedule", None)
-    start = now - dt.timedelta(seconds=seconds(policy.spec.window))
+    start = served_since(policy, status, now)
     served_rows = {
         "uri": served.request_log_uri,
         "format": "requestLog",
