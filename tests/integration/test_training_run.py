@@ -223,6 +223,36 @@ async def test_gpu_budget_queues_runs_and_refuses_impossible_requests(
     assert second["status"]["attempt"] == 1
 
 
+async def test_a_suspended_run_waits_for_the_approve_annotation(
+    kube: KubeClient, namespace: str, executor_state: Path, operator: KopfRunner
+) -> None:
+    await kube.create(TRAINING_RUNS, namespace, training_run("held", suspend=True))
+    held = await wait_phase(kube, namespace, "held", ("Suspended",), within=30)
+    progressing = condition(held, "Progressing")
+    assert progressing is not None
+    assert (progressing["status"], progressing["reason"]) == ("False", "AwaitingApproval")
+    assert "kubectl annotate trainingrun held kubeloop.dev/approve=true" in progressing["message"]
+    await asyncio.sleep(5)  # a few polls: still held, nothing submitted
+    again = await kube.get(TRAINING_RUNS, namespace, "held")
+    assert again["status"]["phase"] == "Suspended"
+    assert again["status"]["attempt"] == 1
+    assert not again["status"].get("runId")
+    assert (await reasons_of_events(kube, namespace, "held")).count("Suspended") == 1
+
+    annotate = {"metadata": {"annotations": {"kubeloop.dev/approve": "true"}}}
+    await kube.patch(TRAINING_RUNS, namespace, "held", annotate)
+    done = await wait_phase(kube, namespace, "held", ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"])[:3000]
+    assert done["status"]["attempt"] == 1
+    assert done["status"]["modelVersion"] == "cancer-v1"
+
+    async def approval_told() -> bool:
+        seen = await reasons_of_events(kube, namespace, "held")
+        return seen.count("Suspended") == 1 and "Approved" in seen
+
+    await eventually(approval_told, within=30, what="the Suspended and Approved Events")
+
+
 async def test_restart_resumes_the_run_and_a_spec_change_starts_a_new_attempt(
     kube: KubeClient,
     namespace: str,

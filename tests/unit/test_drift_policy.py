@@ -151,7 +151,7 @@ def test_a_breach_acts_only_after_it_held_for_for_then_renders_the_retrain() -> 
         "parentVersion": "fraud-v1",
     }
     assert "schedule" not in spec
-    assert "suspend" not in spec
+    assert spec["suspend"] is False
     evidence = json.loads(body["metadata"]["annotations"][DRIFT_EVIDENCE_ANNOTATION])
     assert evidence["baselineVersion"] == "fraud-v1"
     assert evidence["signals"][0]["feature"] == "amount"

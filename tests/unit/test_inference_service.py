@@ -204,13 +204,17 @@ def test_monitoring_device_and_shared_edges_reach_the_runtime() -> None:
     )
     deployment = md(
         resources={"gpu": 1},
-        monitoring={"requestLog": {"sampleRate": 0.25, "maxRows": 5000}, "feedbackTtl": "10m"},
+        monitoring={
+            "requestLog": {"sampleRate": 0.25, "maxRows": 5000, "flushInterval": "5s"},
+            "feedbackTtl": "10m",
+        },
     )
     c = container(build(deployment, placement)["spec"]["predictor"])
     assert arg(c, "--device") == "cuda"
     assert arg(c, "--feedback-ttl") == "600.0"
     assert arg(c, "--request-log-uri") == "s3://b/p/ns/serving/churn/requests"
     assert (arg(c, "--request-log-sample"), arg(c, "--request-log-max-rows")) == ("0.25", "5000")
+    assert arg(c, "--request-log-flush-interval") == "5.0"
     assert arg(c, "--prediction-edges") == "[0.0, 2.5, 9.0]"
     off = md(monitoring={"requestLog": {"enabled": False}})
     args = container(build(off, placement)["spec"]["predictor"])["args"]

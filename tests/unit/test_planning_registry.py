@@ -112,6 +112,28 @@ def test_a_registered_version_carries_the_run_and_attempt_and_validates() -> Non
     assert rules.registered_by(versions, "tr", 3) == []
 
 
+def test_the_parent_version_a_run_retrains_is_recorded_in_the_lineage() -> None:
+    manifest = {
+        "spec": {
+            "artifact": {"uri": "file:///art/ns/m/1"},
+            "lineage": {"datasetUri": "builtin://fraud", "datasetSha256": "d" * 64},
+        }
+    }
+    args: dict[str, Any] = {
+        "model": "fraud", "version": 4, "namespace": "ns", "training_run": "retrain",
+        "attempt": 1, "run_id": "run-1", "spec_hash": "abc", "labels": {},
+    }  # fmt: skip
+    body = rules.build_registered_version(manifest, parent_version="fraud-v3", **args)
+    lineage = ModelVersionSpec.model_validate(body["spec"]).lineage
+    assert lineage is not None
+    assert lineage.parent_version == "fraud-v3"
+    assert (lineage.dataset_sha256, lineage.training_run) == ("d" * 64, "retrain")
+    plain = rules.build_registered_version(manifest, **args)
+    assert "parentVersion" not in plain["spec"]["lineage"]
+    with pytest.raises(ValueError, match="parentVersion"):
+        rules.build_registered_version(manifest, parent_version="Not A Label", **args)
+
+
 def test_a_manifest_the_registry_would_refuse_is_refused_before_the_write() -> None:
     with pytest.raises(ValueError, match="artifact"):
         rules.build_registered_version(

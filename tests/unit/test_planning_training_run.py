@@ -14,6 +14,8 @@ from kubeloop.planning.training_run import (
     Observed,
     RunView,
     executor_error,
+    is_approved,
+    pipeline_spec,
     plan_training,
     spec_problem,
 )
@@ -200,7 +202,9 @@ def test_passed_gates_register_then_succeed() -> None:
 
 
 def test_a_spec_change_supersedes_the_running_attempt_and_keeps_history() -> None:
-    decision = plan_training(spec(), running(), obs(generation=2, run=RunView("Running")))
+    # a spec change compiles to another pipeline (only spec.suspend does not: see below)
+    changed = obs(generation=2, spec_hash="b" * 64, run=RunView("Running"))
+    decision = plan_training(spec(), running(), changed)
     assert decision.cancel_run_id == "local-1"
     assert decision.cancel_attempt == 1
     assert decision.submit
@@ -280,3 +284,118 @@ def test_an_executor_that_refuses_fails_the_attempt_and_an_unavailable_one_is_re
     assert down.phase == "Running"
     assert ready(down)[1] == reasons.EXECUTOR_UNAVAILABLE
     assert events == []
+
+
+# --- spec.suspend: held until approved -------------------------------------------------------
+
+
+def condition(status: TrainingRunStatus, type_: str) -> tuple[str, str, str]:
+    cond = find(status.conditions, type_)
+    assert cond is not None, type_
+    return cond.status, cond.reason, cond.message
+
+
+def suspended_obs(**fields: Any) -> Observed:
+    return obs(name="retrain-1", namespace="team-a", **fields)
+
+
+def test_a_suspended_run_waits_for_approval_and_says_how_to_give_it() -> None:
+    first = plan_training(spec(suspend=True), TrainingRunStatus(), suspended_obs())
+    assert not first.submit
+    assert first.status.phase == "Suspended"
+    assert first.status.attempt == 1
+    command = "kubectl annotate trainingrun retrain-1 kubeloop.dev/approve=true -n team-a"
+    status, reason, message = condition(first.status, "Progressing")
+    assert (status, reason) == ("False", reasons.AWAITING_APPROVAL)
+    assert command in message
+    assert ready(first.status)[:2] == ("False", reasons.SUSPENDED)
+    assert [e[:2] for e in first.events] == [
+        ("Normal", reasons.ATTEMPT_STARTED),
+        ("Normal", reasons.SUSPENDED),
+    ]
+    assert command in first.events[1][2]
+    assert first.requeue_after <= 2.0  # the annotation is looked for at every poll
+
+    again = plan_training(spec(suspend=True), first.status, suspended_obs())
+    assert not again.submit
+    assert again.status.phase == "Suspended"
+    assert again.events == []  # one Event when it starts waiting, not one per pass
+    assert again.status.conditions == first.status.conditions
+
+
+def test_approval_submits_the_held_attempt_with_an_approved_event() -> None:
+    held = plan_training(spec(suspend=True), TrainingRunStatus(), suspended_obs()).status
+    approved = plan_training(spec(suspend=True), held, suspended_obs(approved=True))
+    assert approved.submit
+    assert approved.status.phase == "Running"
+    assert approved.status.attempt == 1
+    assert [e[1] for e in approved.events] == [reasons.APPROVED, reasons.SUBMITTED]
+    assert condition(approved.status, "Progressing")[:2] == ("True", reasons.APPROVED)
+    assert ready(approved.status)[:2] == ("False", reasons.RUNNING)
+
+
+def test_an_approved_run_still_waits_for_gpus() -> None:
+    held = plan_training(spec(suspend=True), TrainingRunStatus(), suspended_obs()).status
+    busy = suspended_obs(approved=True, gpu_limit=1, gpu_in_use=1)
+    decision = plan_training(spec(suspend=True, resources={"gpu": 1}), held, busy)
+    assert not decision.submit
+    assert decision.status.phase == "Queued"
+    assert [e[1] for e in decision.events] == [reasons.APPROVED, reasons.QUEUED]
+
+
+def test_setting_suspend_false_resumes_the_same_attempt() -> None:
+    held = plan_training(spec(suspend=True), TrainingRunStatus(), suspended_obs()).status
+    # generation 2: only suspend changed, so the compiled pipeline (its hash) is the same
+    decision = plan_training(spec(), held, suspended_obs(generation=2))
+    assert decision.submit
+    assert decision.status.attempt == 1
+    assert decision.status.history == []
+    assert decision.status.observed_generation == 2
+    assert [e[1] for e in decision.events] == [reasons.SUBMITTED]
+    assert condition(decision.status, "Progressing")[:2] == ("True", reasons.APPROVED)
+    assert "spec.suspend=false" in condition(decision.status, "Progressing")[2]
+
+
+def test_suspending_a_submitted_run_does_not_stop_it() -> None:
+    decision = plan_training(
+        spec(suspend=True), running(), obs(generation=2, run=RunView("Running"))
+    )
+    assert not decision.submit
+    assert not decision.cancel_run_id
+    assert decision.status.phase == "Running"
+    assert decision.status.attempt == 1
+    assert decision.status.observed_generation == 2
+    assert decision.events == []
+
+
+def test_a_new_attempt_of_a_suspended_run_waits_again_unless_still_approved() -> None:
+    done = running(phase="Succeeded")
+    changed = {"generation": 2, "spec_hash": "b" * 64}
+    waiting = plan_training(spec(suspend=True), done, suspended_obs(**changed))
+    assert waiting.status.attempt == 2
+    assert waiting.status.phase == "Suspended"
+    still = plan_training(spec(suspend=True), done, suspended_obs(approved=True, **changed))
+    assert still.submit
+    assert reasons.APPROVED not in [e[1] for e in still.events]  # nothing was held
+
+
+def test_a_suspended_spec_that_cannot_compile_fails_at_once() -> None:
+    held = plan_training(spec(suspend=True), TrainingRunStatus(), suspended_obs()).status
+    broken = suspended_obs(generation=2, spec_hash="", compile_error="spec.resources.cpu: bad")
+    decision = plan_training(spec(suspend=True), held, broken)
+    assert decision.status.phase == "Failed"
+    assert ready(decision.status)[1] == reasons.INVALID_SPEC
+
+
+def test_the_pipeline_is_compiled_without_suspend() -> None:
+    assert pipeline_spec(spec(suspend=True)) == spec()
+    assert spec(suspend=True) != spec()
+    plain = spec()
+    assert pipeline_spec(plain) is plain
+
+
+def test_only_the_annotation_true_approves() -> None:
+    assert is_approved({"kubeloop.dev/approve": "true"})
+    for value in ("false", "yes", "", "True "):
+        assert not is_approved({"kubeloop.dev/approve": value})
+    assert not is_approved({"kubeloop.dev/drift-policy": "true"})

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -365,3 +366,58 @@ def test_reading_what_is_not_a_request_log_says_so(tmp_path: Path) -> None:
     pq.write_table(table.replace_schema_metadata({}), written)
     with pytest.raises(RequestLogError, match="is not a request log file"):
         read_request_log(f"file://{tmp_path}")
+
+
+def test_since_keeps_the_rows_served_from_then_on_compared_in_utc(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}"
+    t0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+    log = new_log(uri, rows_per_file=2)  # several files, so the filter is not per file
+    log.record("early", rows(1), scores(1), t0)
+    log.record("retried", rows(1, 1), scores(1), t0 + 0.5)  # first answered before since
+    log.record("edge", rows(1, 2), scores(1), t0 + 10)  # exactly at since: kept
+    log.record("retried", rows(1, 1), scores(1), t0 + 11)  # the same id answered again
+    log.record("late", rows(2, 3), scores(2), t0 + 3600)
+    log.record_label("late", 1, "yes", t0 + 3700)
+    log.stop()
+    assert len(files(tmp_path)) >= 2
+
+    since = datetime.fromtimestamp(t0 + 10, UTC)
+    data = read_request_log(uri, since=since)
+    assert list(zip(data.frame["id"], data.frame["row"], strict=True)) == [
+        ("edge", 0), ("late", 0), ("late", 1),
+    ]  # fmt: skip
+    assert (data.frame["time"] >= since).all()
+    assert data.labelled["id"].tolist() == ["late"]
+    # The same moment written with another offset is the same instant.
+    berlin = since.astimezone(timezone(timedelta(hours=1)))
+    assert read_request_log(uri, since=berlin).frame["id"].tolist() == ["edge", "late", "late"]
+    # One microsecond later leaves the row served at since out.
+    later = read_request_log(uri, since=since + timedelta(microseconds=1))
+    assert later.frame["id"].tolist() == ["late", "late"]
+    assert read_request_log(uri).frame["id"].tolist() == [
+        "early",
+        "retried",
+        "edge",
+        "late",
+        "late",
+    ]
+    assert read_request_log(uri, since=since + timedelta(days=1)).frame.empty
+    with pytest.raises(ValueError, match="has no timezone"):
+        read_request_log(uri, since=datetime(2023, 11, 14, 22, 13, 30))
+
+
+def test_skipped_rows_count_only_the_window(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}"
+    old = new_log(uri, version="v1", features=["f0", "f1"])
+    old.record("old-early", rows(1)[:, :2], scores(1), 1_700_000_000.0)
+    old.record("old-late", rows(2)[:, :2], scores(2), 1_700_000_100.0)
+    old.stop()
+    new = new_log(uri, version="v2")  # f0, f1, f2
+    new.record("new", rows(1), scores(1), 1_700_000_200.0)
+    new.stop()
+
+    since = datetime.fromtimestamp(1_700_000_050.0, UTC)
+    data = read_request_log(uri, since=since)  # v2's signature: v1's files lack f2
+    assert data.frame["id"].tolist() == ["new"]
+    assert data.skipped_rows == 2  # old-late's rows; old-early's is outside the window
+    assert read_request_log(uri).skipped_rows == 3

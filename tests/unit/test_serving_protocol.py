@@ -512,6 +512,7 @@ def test_flags_cover_every_serving_option() -> None:
     args = build_parser().parse_args(
         [*REQUIRED, "--device", "cuda", "--feedback-ttl", "60", "--request-log-uri", "s3://b/p",
          "--request-log-sample", "0.25", "--request-log-max-rows", "1000",
+         "--request-log-flush-interval", "2.5",
          "--prediction-edges", "[0.1, 0.5, 2]", "--grpc-port", "8081", "--max-body-bytes", "9",
          "--max-batch-rows", "3", "--max-batch-size", "8", "--max-latency-ms", "2",
          "--cache-size", "10", "--cache-ttl", "5"]
@@ -519,6 +520,7 @@ def test_flags_cover_every_serving_option() -> None:
     assert args.prediction_edges == (0.1, 0.5, 2.0)
     assert (args.device, args.feedback_ttl, args.request_log_uri) == ("cuda", 60.0, "s3://b/p")
     assert (args.request_log_sample, args.request_log_max_rows) == (0.25, 1000)
+    assert args.request_log_flush_interval == 2.5
     assert (args.grpc_port, args.max_body_bytes, args.max_batch_rows) == (8081, 9, 3)
     assert args.server == "kubeloop"
     defaults = build_parser().parse_args(REQUIRED)

@@ -82,6 +82,14 @@ class RequestLog(ApiModel):
     max_rows: int = Field(
         default=1_000_000, ge=1, le=10**9, description="Rows kept; older files are removed."
     )
+    flush_interval: Duration = Field(
+        default="30s",
+        json_schema_extra=validations(
+            cel("duration(self) >= duration('1s')", "flushInterval must be at least 1s")
+        ),
+        description="Longest time between a logged row and its Parquet file: a retrain reads "
+        "only what was written, so keep it well below the DriftPolicy's for.",
+    )
 
 
 class Monitoring(ApiModel):

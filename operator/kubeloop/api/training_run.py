@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import datetime as dt
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
 
 from kubeloop.api.base import (
     ApiModel,
@@ -23,6 +24,7 @@ from kubeloop.api.base import (
 )
 from kubeloop.api.common import ComputeResources, LocalRef
 from kubeloop.api.model_version import Alias
+from kubeloop.contract.labels import APPROVE_ANNOTATION
 
 DATA_URI_PATTERN = r"^(file:///|s3://|gs://|builtin://)[^\s]+$"
 BUILTIN_DATASETS = ("breast-cancer", "digits", "diabetes", "fraud", "reviews")
@@ -42,6 +44,46 @@ GateMetric = Literal[
     "size_mb",
 ]
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+DataUri = Annotated[
+    str, StringConstraints(min_length=10, max_length=1024, pattern=DATA_URI_PATTERN)
+]
+DataFormat = Literal["auto", "csv", "parquet", "images", "text", "requestLog"]
+# RFC 3339 with an explicit offset (``Z`` or ``±hh:mm``), at most microseconds: the request
+# log's resolution. The API server checks the shape; the model also checks the calendar.
+TIMESTAMP_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+
+
+def parse_timestamp(text: str) -> dt.datetime:
+    """``2026-12-01T14:00:00Z`` (or with an offset) → a timezone-aware UTC datetime; raises
+    ValueError naming the value for one that is not a real moment (e.g. month 13)."""
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an RFC 3339 time stamp; expected e.g. 2026-12-01T14:00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no UTC offset; end it with Z or ±hh:mm")
+    return moment.astimezone(dt.UTC)
+
+
+def _timestamp(text: str) -> str:
+    parse_timestamp(text)
+    return text
+
+
+Timestamp = Annotated[
+    str,
+    StringConstraints(max_length=32, pattern=TIMESTAMP_PATTERN),
+    AfterValidator(_timestamp),
+]
+SINCE_DESCRIPTION = (
+    "requestLog only: read just the rows served at or after this time (RFC 3339, e.g. "
+    "2026-12-01T14:00:00Z); unset reads the whole log."
+)
 
 
 class Split(ApiModel):
@@ -62,20 +104,42 @@ class Split(ApiModel):
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Random seed.")
 
 
+def _since_only_for_request_logs() -> dict[str, Any]:
+    return validations(
+        cel(
+            "!has(self.since) || self.format == 'requestLog'",
+            "since selects rows of a request log by the time they were served; it applies only "
+            "to format: requestLog",
+            field_path=".since",
+        )
+    )
+
+
+class ExtraData(ApiModel):
+    """More rows appended after the main source's, read with its target, features and task."""
+
+    model_config = ApiModel.model_config | {"json_schema_extra": _since_only_for_request_logs()}
+
+    uri: DataUri = Field(description="Where the rows are, as data.uri.")
+    format: DataFormat = Field(default="auto", description="File format, as data.format.")
+    since: Timestamp | None = Field(default=None, description=SINCE_DESCRIPTION)
+
+
 class DataSource(ApiModel):
     """Where the training data is and what to predict."""
 
-    uri: Annotated[
-        str, StringConstraints(min_length=10, max_length=1024, pattern=DATA_URI_PATTERN)
-    ] = Field(
+    model_config = ApiModel.model_config | {"json_schema_extra": _since_only_for_request_logs()}
+
+    uri: DataUri = Field(
         description="file:///path.csv, s3://bucket/key.parquet, gs://…, or builtin://NAME "
         f"({', '.join(BUILTIN_DATASETS)})."
     )
-    format: Literal["auto", "csv", "parquet", "images", "text", "requestLog"] = Field(
+    format: DataFormat = Field(
         default="auto",
         description="File format; auto infers it from the extension. requestLog: uri is a "
         "ModelDeployment's request log (its labelled rows; target names the label column).",
     )
+    since: Timestamp | None = Field(default=None, description=SINCE_DESCRIPTION)
     target: ColumnName = Field(description="Column to predict.")
     task: Literal["classification", "regression"] = Field(
         default="classification", description="Classification or regression."
@@ -84,6 +148,14 @@ class DataSource(ApiModel):
         default_factory=list,
         max_length=1024,
         description="Columns to use; empty means all but target.",
+    )
+    extra: list[ExtraData] = Field(
+        default_factory=list,
+        max_length=4,
+        description="More sources whose rows are appended to uri's before the split (e.g. the "
+        "served labelled rows of a request log after the original data). Each must have the "
+        "selected feature columns and the target (a request log's label becomes target); "
+        "other columns are dropped. They share credentialsSecret.",
     )
     split: Split = Field(default_factory=Split, description="Train/validation/test split.")
     credentials_secret: LocalRef | None = Field(
@@ -333,6 +405,11 @@ class Registration(ApiModel):
     model_name: DNSLabel = Field(description="Registered model name for the ModelVersion.")
     alias: Alias | None = Field(default="candidate", description="Alias the new version claims.")
     labels: LabelMap = Field(default_factory=dict, description="Labels for the ModelVersion.")
+    parent_version: DNSLabel | None = Field(
+        default=None,
+        description="ModelVersion this run retrains (e.g. the one a DriftPolicy saw drift "
+        "in); recorded as the registered version's lineage.parentVersion.",
+    )
 
 
 class TrainingRunSpec(ApiModel):
@@ -384,6 +461,13 @@ class TrainingRunSpec(ApiModel):
     timeout: Duration = Field(
         default="2h", description="Deadline of the whole run (e.g. 90s, 30m, 1h30m)."
     )
+    suspend: bool = Field(
+        default=False,
+        description="Hold the run until approved: while true, no attempt is submitted (phase "
+        f"Suspended) unless the annotation {APPROVE_ANNOTATION}=true is set. Setting it on a "
+        "run already submitted does not stop that run; changing only suspend never starts a "
+        "new attempt.",
+    )
 
 
 class Trials(ApiModel):
@@ -412,7 +496,7 @@ class Attempt(ApiModel):
 class TrainingRunStatus(StatusBase):
     """Progress and results of the run."""
 
-    phase: Literal["", "Pending", "Queued", "Running", "Succeeded", "Failed"] = Field(
+    phase: Literal["", "Pending", "Suspended", "Queued", "Running", "Succeeded", "Failed"] = Field(
         default="", description="Summary of the run."
     )
     attempt: int = Field(default=0, ge=0, description="Current attempt number.")

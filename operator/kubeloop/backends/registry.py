@@ -111,6 +111,7 @@ class Registry:
                 run_id=status.run_id,
                 spec_hash=status.spec_hash,
                 labels=tr.spec.registration.labels,
+                parent_version=tr.spec.registration.parent_version,
             ),
         )
 

@@ -6,6 +6,8 @@ executor's run, the steps' progress records, the evaluation, the registered vers
 ``planning.training_run.plan_training`` decides once, the actions are carried out once (cancel
 a superseded run, submit the attempt, register the ModelVersion) and the status is written
 once. Executors are idempotent per attempt, so a restarted operator re-attaches to its run.
+A suspended run (``spec.suspend``) is approved by the annotation ``kubeloop.dev/approve=true``,
+read from the body each pass: the daemon sees it within one poll (2 s while suspended).
 """
 
 from __future__ import annotations
@@ -63,16 +65,29 @@ async def observe(
     if memory.compiled is None or memory.compiled.generation != generation:
         cfg = ctx.settings
         memory.compiled = await compile_pipeline(
-            tr.spec, generation, image=cfg.training_image, kueue_queue=cfg.kueue_queue
+            plan.pipeline_spec(tr.spec),
+            generation,
+            image=cfg.training_image,
+            kueue_queue=cfg.kueue_queue,
         )
+    approved = plan.is_approved(tr.metadata.annotations)
     fields: dict[str, Any] = {
         "generation": generation,
         "now": now,
+        "name": tr.name,
+        "namespace": tr.namespace,
+        "approved": approved,
         "spec_hash": memory.compiled.spec_hash,
         "compile_error": memory.compiled.error,
     }
-    starting = status.attempt == 0 or status.observed_generation != generation
-    if starting or status.phase in ("Pending", "Queued"):
+    starting = status.attempt == 0 or plan.spec_changed(
+        status,
+        generation=generation,
+        spec_hash=memory.compiled.spec_hash,
+        compile_error=memory.compiled.error,
+    )
+    waiting = plan.awaiting_approval(tr.spec, approved)  # a held run needs no GPU budget
+    if (starting or status.phase in plan.NOT_SUBMITTED) and not waiting:
         quotas, others = await observe_gpu_usage(ctx.kube, tr.namespace)
         # From here to the ledger update after planning nothing awaits: admission is serial.
         budget = admission.gpu_budget(

@@ -302,7 +302,8 @@ def _record(
         EvaluationRecord(time=stamp, outcome=outcome, score=status.drift_score),
     ][-HISTORY:]
     status.last_evaluated_at = stamp
-    notify = policy.spec.action.mode != "observe"
+    # (observe mode says it in status only; a retrain in flight is already the answer)
+    notify = policy.spec.action.mode != "observe" and not status.active_training_run
     if outcome == "Breach" and not status.breaching_since:
         status.breaching_since = stamp
         if notify:
@@ -328,7 +329,7 @@ def _score(r: Result) -> str:
 
 def _breaching(results: Sequence[Result]) -> str:
     parts = [
-        f"{r.name} {r.score_text()} vs {r.threshold:.3g} (n={r.count or 0:g})"
+        f"{r.name} {r.score_text()} vs {r.threshold:.3g} (n={r.count or 0:.0f})"
         for r in results
         if r.outcome == "Breach" and r.threshold is not None
     ]
@@ -507,8 +508,9 @@ def retrain_body(
     if status.baseline_version:
         registration["parentVersion"] = status.baseline_version
     spec["registration"] = registration
-    if action.approval == "manual":
-        spec["suspend"] = True
+    # A template may itself be suspended (a recipe that never runs on its own): the retrain
+    # waits only when the policy asks for approval.
+    spec["suspend"] = action.approval == "manual"
     breaching = [r for r in results if r.outcome == "Breach"]
     evidence = {
         "policy": policy.name,
@@ -537,7 +539,7 @@ def retrain_body(
         f"drift on {status.baseline_version or 'the served version'}: "
         + "; ".join(
             f"{r.name} {r.score_text()} {'<' if r.below else '>'} {r.threshold:.3g} "
-            f"(n={r.count or 0:g})"
+            f"(n={r.count or 0:.0f})"
             for r in breaching
             if r.threshold is not None
         )

@@ -95,6 +95,8 @@ def runtime_options(serving: Serving, placement: Placement) -> list[str]:
             str(monitoring.request_log.sample_rate),
             "--request-log-max-rows",
             str(monitoring.request_log.max_rows),
+            "--request-log-flush-interval",
+            str(seconds(monitoring.request_log.flush_interval)),
         ]
     if placement.prediction_edges:
         args += ["--prediction-edges", json.dumps(list(placement.prediction_edges))]

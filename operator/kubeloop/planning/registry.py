@@ -123,16 +123,20 @@ def build_registered_version(
     run_id: str,
     spec_hash: str,
     labels: Mapping[str, str],
+    parent_version: str | None = None,
 ) -> dict[str, Any]:
     """The ModelVersion a TrainingRun's attempt registers, from the register step's manifest.
 
     Labelled with the run and attempt so a restarted operator finds it instead of adding one;
-    the manifest is validated here (a bad one raises pydantic's ValidationError naming the
-    field)."""
+    ``parent_version`` (the run's ``spec.registration.parentVersion``: the version it
+    retrains) becomes ``lineage.parentVersion``. The manifest is validated here (a bad one
+    raises pydantic's ValidationError naming the field)."""
     spec = dict(manifest.get("spec") or {})
     spec.update(modelName=model, version=version)
     lineage = dict(spec.get("lineage") or {})
     lineage.update(trainingRun=training_run, pipelineRunId=run_id, specHash=spec_hash)
+    if parent_version:
+        lineage["parentVersion"] = parent_version
     spec["lineage"] = lineage
     ModelVersionSpec.model_validate(spec)
     return {

@@ -5,14 +5,18 @@
 the evaluation, the registration) and the clock, and returns the next status plus what to do:
 submit the attempt, cancel a superseded run, register the model. No I/O here.
 
-Phases: Pending → (Queued) → Running → Succeeded | Failed. A spec change (new generation)
-supersedes the current attempt and starts a new one; a cron ``schedule`` starts a new attempt
-of the same spec when it is due. Earlier attempts are kept in ``status.history``.
+Phases: Pending → (Suspended) → (Queued) → Running → Succeeded | Failed. A spec change (new
+generation) supersedes the current attempt and starts a new one; a cron ``schedule`` starts a
+new attempt of the same spec when it is due. Earlier attempts are kept in ``status.history``.
+``spec.suspend`` holds an attempt that is not submitted yet until the run is approved (the
+annotation ``kubeloop.dev/approve=true``) or suspend is set to false; the pipeline is compiled
+without it, so changing only ``suspend`` leaves the pipeline hash alone and starts no attempt.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,11 +26,13 @@ from kubeloop import reasons
 from kubeloop.api.training_run import Attempt, TrainingRunSpec, TrainingRunStatus, Trials
 from kubeloop.contract.durations import parse_rfc3339, rfc3339, seconds
 from kubeloop.contract.evaluation import METRICS_BY_TASK
+from kubeloop.contract.labels import APPROVE_ANNOTATION
 from kubeloop.contract.steps import STEPS
 from kubeloop.planning.conditions import set_condition
 
 RunState = Literal["Pending", "Running", "Succeeded", "Failed", "Unknown"]
-ACTIVE = ("Pending", "Queued", "Running")
+ACTIVE = ("Pending", "Suspended", "Queued", "Running")
+NOT_SUBMITTED = ("Pending", "Suspended", "Queued")
 TERMINAL = ("Succeeded", "Failed")
 HISTORY_LIMIT = 20
 POLL_RUNNING_S = 2.0
@@ -50,7 +56,10 @@ class Observed:
 
     generation: int
     now: dt.datetime
-    spec_hash: str = ""
+    name: str = ""  # the TrainingRun's (for the approval command)
+    namespace: str = ""
+    approved: bool = False  # the annotation kubeloop.dev/approve is "true"
+    spec_hash: str = ""  # of the pipeline compiled from the spec (pipeline_spec)
     compile_error: str = ""  # the spec cannot be compiled; names the field
     gpu_limit: int | None = None  # GPUs the namespace's TrainingRuns may hold; None = no limit
     gpu_limit_source: str = ""  # e.g. "ResourceQuota gpu-quota" or "operator setting"
@@ -93,11 +102,44 @@ def spec_problem(spec: TrainingRunSpec) -> str:
     return ""
 
 
+def pipeline_spec(spec: TrainingRunSpec) -> TrainingRunSpec:
+    """The spec the pipeline is compiled from: ``suspend`` only gates the submission, so it
+    is left out (a run suspended or resumed later keeps its pipeline hash)."""
+    return spec.model_copy(update={"suspend": False}) if spec.suspend else spec
+
+
+def is_approved(annotations: Mapping[str, str]) -> bool:
+    """The run's annotations approve it: ``kubeloop.dev/approve`` is exactly ``true``."""
+    return annotations.get(APPROVE_ANNOTATION) == "true"
+
+
+def awaiting_approval(spec: TrainingRunSpec, approved: bool) -> bool:
+    """Whether an attempt not submitted yet must wait: suspended and not approved."""
+    return spec.suspend and not approved
+
+
+def approve_command(obs: Observed) -> str:
+    where = f" -n {obs.namespace}" if obs.namespace else ""
+    return f"kubectl annotate trainingrun {obs.name or 'NAME'} {APPROVE_ANNOTATION}=true{where}"
+
+
+def spec_changed(
+    status: TrainingRunStatus, *, generation: int, spec_hash: str, compile_error: str
+) -> bool:
+    """A new generation whose pipeline is not the current attempt's. Every field but
+    ``suspend`` is part of the compiled pipeline, so a change of only ``suspend`` is none."""
+    if status.observed_generation == generation:
+        return False
+    return not spec_hash or bool(compile_error) or spec_hash != status.spec_hash
+
+
 def needs_new_attempt(spec: TrainingRunSpec, status: TrainingRunStatus, obs: Observed) -> str:
     """Why a new attempt starts now ('' if none): first run, a spec change, or the schedule."""
     if status.attempt == 0:
         return "first attempt"
-    if status.observed_generation != obs.generation:
+    if spec_changed(
+        status, generation=obs.generation, spec_hash=obs.spec_hash, compile_error=obs.compile_error
+    ):
         return f"spec changed (generation {status.observed_generation} → {obs.generation})"
     if spec.schedule and status.phase in TERMINAL:
         due = next_scheduled(spec.schedule, status)
@@ -325,13 +367,19 @@ def plan_training(spec: TrainingRunSpec, status: TrainingRunStatus, obs: Observe
                 reason=reasons.PENDING,
                 message="not evaluated yet",
             )
+    else:
+        status.observed_generation = obs.generation  # e.g. only spec.suspend changed
     decision = Decision(
         status, cancel_run_id=cancel, cancel_attempt=status.attempt - 1, events=events
     )
 
     if obs.compile_error and status.phase in ACTIVE:
         decision.events += _fail(status, obs, reasons.INVALID_SPEC, obs.compile_error)
-    elif status.phase in ("Pending", "Queued"):
+    elif status.phase in NOT_SUBMITTED and awaiting_approval(spec, obs.approved):
+        _plan_suspended(status, obs, decision)
+    elif status.phase in NOT_SUBMITTED:
+        if status.phase == "Suspended":
+            _plan_approved(status, obs, decision)
         _plan_admission(spec, status, obs, decision)
     elif status.phase == "Running":
         _plan_running(spec, status, obs, decision)
@@ -343,6 +391,40 @@ def plan_training(spec: TrainingRunSpec, status: TrainingRunStatus, obs: Observe
             if due is not None:
                 decision.requeue_after = max(1.0, min(IDLE_S, (due - obs.now).total_seconds()))
     return decision
+
+
+def _plan_suspended(status: TrainingRunStatus, obs: Observed, decision: Decision) -> None:
+    """Hold the attempt: nothing is submitted until approval (looked for every poll)."""
+    message = (
+        f"attempt {status.attempt} is suspended (spec.suspend=true) until approved: run "
+        f"{approve_command(obs)}"
+    )
+    if status.phase != "Suspended":
+        decision.events.append(("Normal", reasons.SUSPENDED, message))
+    status.phase = "Suspended"
+    _condition(
+        status,
+        obs,
+        type_="Progressing",
+        value="False",
+        reason=reasons.AWAITING_APPROVAL,
+        message=message,
+    )
+    _ready(status, obs, "False", reasons.SUSPENDED, message)
+    decision.requeue_after = POLL_RUNNING_S
+
+
+def _plan_approved(status: TrainingRunStatus, obs: Observed, decision: Decision) -> None:
+    """Leaving Suspended: by the annotation (an Approved Event) or spec.suspend=false."""
+    if obs.approved:
+        message = f"attempt {status.attempt} approved ({APPROVE_ANNOTATION}=true)"
+        decision.events.append(("Normal", reasons.APPROVED, message))
+    else:
+        message = f"attempt {status.attempt} no longer suspended (spec.suspend=false)"
+    _condition(
+        status, obs, type_="Progressing", value="True", reason=reasons.APPROVED, message=message
+    )
+    status.phase = "Pending"
 
 
 def _plan_admission(

@@ -4,6 +4,7 @@
         --http-port P [--grpc-port G] [--max-batch-size N] [--max-latency-ms M] \\
         [--cache-size N] [--cache-ttl S] [--device cpu|cuda|auto] [--feedback-ttl S] \\
         [--request-log-uri URI] [--request-log-sample F] [--request-log-max-rows N] \\
+        [--request-log-flush-interval S] \\
         [--prediction-edges JSON] [--max-body-bytes N] [--max-batch-rows N] \\
         [--server kubeloop|kserve] [--workers 1]
 
@@ -131,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-log-sample", type=_share, default=1.0, help="share logged")
     parser.add_argument("--request-log-max-rows", type=_positive_int, default=1_000_000)
     parser.add_argument(
+        "--request-log-flush-interval",
+        type=_positive,
+        default=30.0,
+        help="seconds at most between a logged row and its file (a retrain reads files only)",
+    )
+    parser.add_argument(
         "--prediction-edges",
         type=_edges,
         default=(),
@@ -180,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         request_log_uri=args.request_log_uri,
         request_log_sample=args.request_log_sample,
         request_log_max_rows=args.request_log_max_rows,
+        request_log_flush_s=args.request_log_flush_interval,
         prediction_edges=args.prediction_edges,
     )
     try:

@@ -51,6 +51,7 @@ class ServingOptions:
     request_log_uri: str = ""  # where the request log's Parquet files go; '' = off
     request_log_sample: float = 1.0  # share of requests logged
     request_log_max_rows: int = 1_000_000  # rows kept (older files are removed)
+    request_log_flush_s: float = 30.0  # a file at least this often while rows come
     # Prediction-histogram edges shared by every version of the model (regression: the first
     # version's reference edges); () = the artifact's own, or fixed score edges (classifiers).
     prediction_edges: tuple[float, ...] = ()

@@ -33,6 +33,7 @@ def attach(predictor: Predictor, options: ServingOptions) -> None:
             classes=model.classes,
             sample=options.request_log_sample,
             max_rows=options.request_log_max_rows,
+            roll_interval_s=options.request_log_flush_s,
         )
         recorders.append(request_log)
         sinks.append(request_log)

@@ -8,10 +8,13 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
@@ -42,11 +45,13 @@ def log_files(fs: fsspec.AbstractFileSystem, directory: str) -> list[tuple[str, 
 
 class RequestLogError(ValueError):
     """The URI holds no readable request log; the message says why. ``field`` is the part of
-    the ask that is wrong (``uri`` or ``features``)."""
+    the ask that is wrong (``uri`` or ``features``); ``missing``, for ``features``, the asked
+    features the newest file lacks."""
 
-    def __init__(self, message: str, *, field: str = "uri") -> None:
+    def __init__(self, message: str, *, field: str = "uri", missing: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.field = field
+        self.missing = list(missing)
 
 
 @dataclass
@@ -59,7 +64,7 @@ class RequestLogData:
     features: list[str]
     task: str
     classes: list[str]
-    skipped_rows: int  # rows of files that lack one of ``features``
+    skipped_rows: int  # rows (at or after ``since``) of files that lack one of ``features``
 
     @property
     def labelled(self) -> pd.DataFrame:
@@ -70,18 +75,25 @@ def read_request_log(
     uri: str,
     *,
     features: Sequence[str] | None = None,
+    since: datetime | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> RequestLogData:
     """Join a request log's predictions and labels by (id, row).
 
     ``features`` picks and orders the feature columns; by default those of the newest file
     (the served signature). Rows of files without one of them (an older version with another
-    signature) are skipped and counted. Raises :class:`RequestLogError` when the URI holds no
-    predictions or a file is not a request log file, and the filesystem's own errors
+    signature) are skipped and counted. ``since`` (timezone-aware) keeps only the rows served
+    at or after it: a row's ``time`` is when it was answered (the first answer, where an id
+    came twice), compared in UTC at the log's microsecond resolution. Raises
+    :class:`RequestLogError` when the URI holds no predictions or a file is not a request log
+    file, ``ValueError`` for a ``since`` without a timezone, and the filesystem's own errors
     (``FileNotFoundError``, ``PermissionError``, ``OSError``) when it cannot be read.
     """
     import pandas as pd
 
+    if since is not None and since.utcoffset() is None:
+        raise ValueError(f"since={since.isoformat()} has no timezone; pass an aware datetime")
+    start = None if since is None else pd.Timestamp(since).tz_convert(UTC)
     fs, root = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
     root = str(root).rstrip("/")
     prediction_files = sorted(log_files(fs, f"{root}/{PREDICTIONS_DIR}"))
@@ -98,7 +110,7 @@ def read_request_log(
         meta = _meta(path, table)
         index = {name: i for i, name in enumerate(meta["features"])}
         if any(name not in index for name in chosen):
-            skipped += table.num_rows
+            skipped += _rows_since(table, since)
             continue
         width = len(meta["features"])
         x = table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, width)
@@ -125,9 +137,13 @@ def read_request_log(
             f"{uri}: no predictions file has the features {chosen}; the newest has "
             f"{newest['features']}",
             field="features",
+            missing=[name for name in chosen if name not in newest["features"]],
         )
     rows = pd.concat(frames, ignore_index=True).sort_values("time", kind="stable")
     rows = rows.drop_duplicates(["id", "row"], keep="first")
+    if start is not None:
+        # after keeping the first answer: a retried request first served earlier stays out
+        rows = rows.loc[rows["time"] >= start]
     labels = _read_labels(fs, f"{root}/{LABELS_DIR}", newest["task"])
     joined = rows.merge(labels, on=["id", "row"], how="left", validate="one_to_one")
     return RequestLogData(
@@ -137,6 +153,14 @@ def read_request_log(
         classes=[str(c) for c in newest.get("classes") or []],
         skipped_rows=skipped,
     )
+
+
+def _rows_since(table: Any, since: datetime | None) -> int:
+    """Rows of a predictions table served at or after ``since`` (all rows without one)."""
+    if since is None:
+        return int(table.num_rows)
+    start = pa.scalar(since.astimezone(UTC), type=pa.timestamp("us", tz="UTC"))
+    return int(pc.sum(pc.greater_equal(table.column("time"), start)).as_py() or 0)
 
 
 def _read(fs: fsspec.AbstractFileSystem, path: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from kubeloop.api.training_run import DataSource, Split
+from kubeloop.api.training_run import DataSource, ExtraData, Split, parse_timestamp
 from kubeloop_pipelines.contract import SPLITS, Modality, StepError
 from kubeloop_pipelines.ml.builtin_datasets import BUILTIN_MODALITY, DIGITS_SHAPE, load_builtin
 
@@ -32,9 +32,10 @@ MAX_FLOAT_CLASSES = 20
 # reading tables
 
 
-def table_format(uri: str, fmt: str) -> Literal["csv", "parquet"]:
+def table_format(uri: str, fmt: str, *, where: str = "data") -> Literal["csv", "parquet"]:
     """The file format to read ``uri`` with: explicit csv/parquet, else from the extension
-    (``images`` and ``text`` name the modality; their files are csv or parquet tables too)."""
+    (``images`` and ``text`` name the modality; their files are csv or parquet tables too).
+    ``where`` is the spec path of the source (``data`` or ``data.extra[i]``)."""
     if fmt in ("csv", "parquet"):
         return "csv" if fmt == "csv" else "parquet"
     path = uri.lower().split("?", 1)[0]
@@ -45,22 +46,27 @@ def table_format(uri: str, fmt: str) -> Literal["csv", "parquet"]:
     if path.endswith((".parquet", ".pq")):
         return "parquet"
     raise StepError(
-        f"data.format={fmt!r} cannot tell how to read {uri}: the name ends in neither .csv nor "
-        ".parquet; set data.format to 'csv' or 'parquet'",
-        field="data.format",
+        f"{where}.format={fmt!r} cannot tell how to read {uri}: the name ends in neither .csv "
+        f"nor .parquet; set {where}.format to 'csv' or 'parquet'",
+        field=f"{where}.format",
     )
 
 
 def read_table(
-    uri: str, fmt: str, *, storage_options: Mapping[str, Any] | None = None
+    uri: str,
+    fmt: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    where: str = "data",
 ) -> pd.DataFrame:
     """Read a csv or parquet table from a ``file://``, ``s3://`` or ``gs://`` URI (fsspec;
     credentials from ``storage_options`` or the environment). Unreadable, missing or empty data
-    raises :class:`StepError` on ``data.uri`` naming the URI and the reason."""
+    raises :class:`StepError` on ``<where>.uri`` naming the URI and the reason."""
     import fsspec
 
-    kind = table_format(uri, fmt)
+    kind = table_format(uri, fmt, where=where)
     options = dict(storage_options or {})
+    field_path = f"{where}.uri"
     try:
         if kind == "csv":
             sep = "\t" if ".tsv" in uri.lower() else ","
@@ -71,93 +77,263 @@ def read_table(
                 frame = pd.read_parquet(handle)
     except FileNotFoundError:
         raise StepError(
-            f"data.uri={uri} does not exist; point it at a {kind} file", field="data.uri"
+            f"{field_path}={uri} does not exist; point it at a {kind} file", field=field_path
         ) from None
     except PermissionError as exc:
         raise StepError(
-            f"data.uri={uri} cannot be read: permission denied ({exc}); check "
+            f"{field_path}={uri} cannot be read: permission denied ({exc}); check "
             "data.credentialsSecret",
-            field="data.uri",
+            field=field_path,
         ) from exc
     except pd.errors.EmptyDataError:
         raise StepError(
-            f"data.uri={uri} is empty: the file holds no rows", field="data.uri"
+            f"{field_path}={uri} is empty: the file holds no rows", field=field_path
         ) from None
     except (ValueError, pd.errors.ParserError, OSError, UnicodeDecodeError) as exc:
         # pyarrow's errors derive from ValueError/OSError; a network hiccup may heal
         transient = isinstance(exc, OSError) and not isinstance(exc, IsADirectoryError)
         raise StepError(
-            f"data.uri={uri} cannot be read as {kind}: {exc}",
-            field="data.uri",
+            f"{field_path}={uri} cannot be read as {kind}: {exc}",
+            field=field_path,
             permanent=not transient,
         ) from exc
     if frame.shape[0] == 0 or frame.shape[1] == 0:
         raise StepError(
-            f"data.uri={uri} is empty: it holds {frame.shape[0]} rows and {frame.shape[1]} "
+            f"{field_path}={uri} is empty: it holds {frame.shape[0]} rows and {frame.shape[1]} "
             "columns; expected a header and at least one row",
-            field="data.uri",
+            field=field_path,
         )
     frame.columns = [str(c) for c in frame.columns]
     return frame
+
+
+def sources(data: DataSource) -> list[tuple[str, ExtraData]]:
+    """(spec path, source) of every source of rows, the main one first: ``data``, then
+    ``data.extra[0]``, …"""
+    main = ExtraData(uri=data.uri, format=data.format, since=data.since)
+    return [("data", main), *((f"data.extra[{i}]", e) for i, e in enumerate(data.extra))]
 
 
 def load_data(
     data: DataSource, *, storage_options: Mapping[str, Any] | None = None
 ) -> pd.DataFrame:
-    """The whole table ``data.uri`` points at (a built-in dataset or a file)."""
-    if data.uri.startswith("builtin://"):
-        return load_builtin(data.uri.removeprefix("builtin://"))
-    if data.format == "requestLog":
-        return load_request_log(data, storage_options=storage_options)
-    return read_table(data.uri, data.format, storage_options=storage_options)
+    """The whole table ``data.uri`` points at (a built-in dataset or a file; of a request log,
+    the rows served from ``data.since`` on). The extra sources: :func:`load_table`."""
+    return load_source(data, sources(data)[0][1], storage_options=storage_options)
+
+
+def load_source(
+    data: DataSource,
+    source: ExtraData,
+    *,
+    where: str = "data",
+    features: Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """The whole table of one source (``where`` is its spec path, for errors); a request log
+    picks ``features`` by name (default ``data.features``, else its served signature)."""
+    if source.since is not None and source.format != "requestLog":
+        raise StepError(
+            f"{where}.since={source.since} selects request log rows by serving time; "
+            f"{where}.format is {source.format!r}: set it to requestLog or remove since",
+            field=f"{where}.since",
+        )
+    if source.uri.startswith("builtin://"):
+        try:
+            return load_builtin(source.uri.removeprefix("builtin://"))
+        except StepError as exc:
+            if where == "data":
+                raise
+            text = exc.message.replace("data.uri=", f"{where}.uri=", 1)
+            raise StepError(text, field=f"{where}.uri") from exc
+    if source.format == "requestLog":
+        return load_request_log(
+            data,
+            source=source,
+            where=where,
+            features=features,
+            storage_options=storage_options,
+        )
+    return read_table(source.uri, source.format, storage_options=storage_options, where=where)
 
 
 def load_request_log(
-    data: DataSource, *, storage_options: Mapping[str, Any] | None = None
+    data: DataSource,
+    *,
+    source: ExtraData | None = None,
+    where: str = "data",
+    features: Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """A serving request log (``format: requestLog``) as a table: one row a served row, the
-    features in the served signature's order (or ``data.features``'), then the fed-back label
-    as the target column ``data.target`` (null where no label came; ingest drops those)."""
+    """A serving request log (``format: requestLog``) as a table: one row a served row (from
+    ``since`` on), the features in the served signature's order (or ``features``', default
+    ``data.features``), then the fed-back label as the target column ``data.target`` (null
+    where no label came; ingest drops those). ``source`` defaults to the main one."""
     from kubeloop.serving.request_log_reader import RequestLogError, read_request_log
 
+    source = source or sources(data)[0][1]
+    uri, field_path = source.uri, f"{where}.uri"
+    since = parse_timestamp(source.since) if source.since is not None else None
+    chosen = list(features) if features is not None else list(data.features)
     try:
         log = read_request_log(
-            data.uri, features=data.features or None, storage_options=storage_options
+            uri, features=chosen or None, since=since, storage_options=storage_options
         )
     except RequestLogError as exc:
-        raise StepError(str(exc), field=f"data.{exc.field}") from exc
+        if exc.field == "features" and where != "data":
+            raise StepError(
+                f"{field_path}={uri} lacks columns the main table has: {exc.missing}; {exc}",
+                field=field_path,
+            ) from exc
+        raise StepError(
+            str(exc), field=field_path if exc.field == "uri" else f"data.{exc.field}"
+        ) from exc
     except FileNotFoundError:
         raise StepError(
-            f"data.uri={data.uri} does not exist; point it at a ModelDeployment's request log",
-            field="data.uri",
+            f"{field_path}={uri} does not exist; point it at a ModelDeployment's request log",
+            field=field_path,
         ) from None
     except PermissionError as exc:
         raise StepError(
-            f"data.uri={data.uri} cannot be read: permission denied ({exc}); check "
+            f"{field_path}={uri} cannot be read: permission denied ({exc}); check "
             "data.credentialsSecret",
-            field="data.uri",
+            field=field_path,
         ) from exc
     except (ValueError, OSError) as exc:  # pyarrow's errors derive from these
         raise StepError(
-            f"data.uri={data.uri} cannot be read as a request log: {exc}",
-            field="data.uri",
+            f"{field_path}={uri} cannot be read as a request log: {exc}",
+            field=field_path,
             permanent=not isinstance(exc, OSError),
         ) from exc
     if data.target in log.features:
         raise StepError(
-            f"data.target={data.target!r} is a feature of the request log; name the label "
-            f"column something else (features: {_preview(log.features)})",
+            f"data.target={data.target!r} is a feature of the request log {uri}; name the "
+            f"label column something else (features: {_preview(log.features)})",
             field="data.target",
         )
     if log.task != data.task:
         raise StepError(
-            f"data.task={data.task!r}, but the request log is of a {log.task} model; its "
-            f"labels are {'class names' if log.task == 'classification' else 'numbers'}",
+            f"data.task={data.task!r}, but the request log is of a {log.task} model "
+            f"({field_path}={uri}); its labels are "
+            f"{'class names' if log.task == 'classification' else 'numbers'}",
             field="data.task",
         )
     frame = log.frame.loc[:, [*log.features, "label"]].rename(columns={"label": data.target})
     frame.columns = [str(c) for c in frame.columns]
     return frame
+
+
+@dataclass
+class SourceRows:
+    """What one source added to the table (``schema.json``'s ``sources``)."""
+
+    where: str  # its spec path: data, data.extra[0], …
+    uri: str
+    format: str
+    since: str | None
+    rows: int  # rows read
+    labelled: int  # of them, rows with a target value
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "field": self.where,
+            "uri": self.uri,
+            "format": self.format,
+            "since": self.since,
+            "rows": self.rows,
+            "labelled": self.labelled,
+        }
+
+
+@dataclass
+class Table:
+    """Every source's rows, one table: the main source's selected columns (features, then
+    the target) and, appended in ``data.extra`` order, each extra source's same columns."""
+
+    frame: pd.DataFrame
+    sources: list[SourceRows]
+    columns_read: int  # columns of the main source before the selection
+
+
+def load_table(data: DataSource, *, storage_options: Mapping[str, Any] | None = None) -> Table:
+    """Read ``data.uri`` and every ``data.extra`` source and append them (before any split).
+
+    An extra source must hold every selected column of the main table (in any order; its other
+    columns are dropped) with the same kind of values; otherwise :class:`StepError` on
+    ``data.extra[i].uri`` names the missing or mismatched columns. Class labels are compared as
+    text, so ``1`` in a csv and ``"1"`` fed back to a request log are the same class."""
+    (main_where, main), *extras = sources(data)
+    main_frame = load_source(data, main, where=main_where, storage_options=storage_options)
+    selected = select_columns(main_frame, data)
+    columns = [str(c) for c in selected.columns]
+    features = columns[:-1]
+    parts = [selected]
+    for where, source in extras:
+        frame = load_source(
+            data, source, where=where, features=features, storage_options=storage_options
+        )
+        parts.append(_aligned(frame, selected, where=where, uri=source.uri))
+    shares = [
+        SourceRows(
+            where=where,
+            uri=source.uri,
+            format=source.format,
+            since=source.since,
+            rows=len(part),
+            labelled=int(part[data.target].notna().sum()),
+        )
+        for (where, source), part in zip(sources(data), parts, strict=True)
+    ]
+    if len(parts) > 1 and data.task == "classification":
+        parts = _labels_as_text(parts, data.target)
+    frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else selected
+    return Table(frame=frame, sources=shares, columns_read=int(main_frame.shape[1]))
+
+
+def _aligned(frame: pd.DataFrame, main: pd.DataFrame, *, where: str, uri: str) -> pd.DataFrame:
+    """``frame``'s columns of the main table, in its order, or a StepError naming what is
+    missing or holds another kind of value."""
+    columns = [str(c) for c in main.columns]
+    frame = frame.rename(columns=str)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise StepError(
+            f"{where}.uri={uri} lacks columns the main table (data.uri) has: "
+            f"{_preview(missing)}; it has {_preview(list(frame.columns))}",
+            field=f"{where}.uri",
+        )
+    aligned = frame.loc[:, columns]
+    mismatched = [
+        c
+        for c in columns[:-1]
+        if _numeric(main[c]) != _numeric(aligned[c])
+        and not (main[c].isna().all() or aligned[c].isna().all())
+    ]
+    if mismatched:
+        raise StepError(
+            f"{where}.uri={uri} holds other kinds of values than data.uri in columns "
+            f"{_preview(mismatched)} (numbers in one, text in the other)",
+            field=f"{where}.uri",
+        )
+    return aligned.reset_index(drop=True)
+
+
+def _numeric(column: pd.Series) -> bool:
+    return bool(pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column))
+
+
+def _labels_as_text(parts: list[pd.DataFrame], target: str) -> list[pd.DataFrame]:
+    """Class labels of sources whose target columns differ in type, all as
+    :func:`label_strings` text (nulls stay null)."""
+    if len({str(p[target].dtype) for p in parts}) == 1:
+        return parts
+    out = []
+    for part in parts:
+        labels = part[target].astype(object)
+        present = labels.notna()
+        labels.loc[present] = label_strings(part.loc[present, target])
+        out.append(part.assign(**{target: labels}))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,8 +359,10 @@ class DatasetSchema:
     classes: list[str] = field(default_factory=list)
     image_shape: list[int] | None = None
     source: str = ""
-    sha256: str = ""
+    sha256: str = ""  # of the whole table, every source's rows (see fingerprint)
     rows: dict[str, int] = field(default_factory=dict)
+    # what each source added (SourceRows.to_json); empty in layouts written before extra
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def feature_names(self) -> list[str]:
@@ -204,6 +382,7 @@ class DatasetSchema:
             "source": self.source,
             "sha256": self.sha256,
             "rows": dict(self.rows),
+            "sources": [dict(source) for source in self.sources],
         }
 
     @classmethod
@@ -220,6 +399,7 @@ class DatasetSchema:
             source=str(value.get("source", "")),
             sha256=str(value.get("sha256", "")),
             rows={str(k): int(v) for k, v in (value.get("rows") or {}).items()},
+            sources=[dict(source) for source in value.get("sources") or []],
         )
 
 

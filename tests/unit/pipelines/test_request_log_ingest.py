@@ -5,6 +5,7 @@ target, seeded splits. Nothing is trained (the served network is an untrained ex
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import uuid
@@ -21,6 +22,7 @@ from kubeloop.serving.predictor import Predictor, ServingOptions
 from kubeloop.serving.recording import attach
 from kubeloop.serving.samples import CLASSES, breast_cancer, mlp
 from kubeloop_pipelines.contract import SCHEMA_FILE, SPLITS, StepError, StepResult
+from kubeloop_pipelines.ml import builtin_datasets
 from kubeloop_pipelines.progress import StepReport
 from kubeloop_pipelines.steps import ingest
 
@@ -155,3 +157,88 @@ async def test_the_spec_must_fit_the_log(model_dir: Path, tmp_path: Path) -> Non
     with pytest.raises(StepError, match="holds no request log") as info:
         run_ingest(request_log_spec(f"file://{tmp_path}/empty"), tmp_path / "d")
     assert info.value.field == "data.uri"
+
+
+async def test_retraining_data_is_the_template_plus_the_rows_served_since(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """What a DriftPolicy's retraining run reads: the original data, then the labelled rows
+    served in the window (the label column becomes the template's target)."""
+    uri = f"file://{tmp_path}/log"
+    await serve_and_label(model_dir, uri, requests=30, labelled=30)  # before the window
+    since = dt.datetime.now(dt.UTC)
+    names, x, labels = await serve_and_label(model_dir, uri, requests=50, labelled=40)
+    stamp = since.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    spec = TrainingRunSpec.model_validate(
+        {
+            "data": {
+                "uri": "builtin://breast-cancer",
+                "target": "label",
+                "extra": [{"uri": uri, "format": "requestLog", "since": stamp}],
+            },
+            "registration": {"modelName": "m"},
+        }
+    )
+
+    result = run_ingest(spec, tmp_path / "raw")
+
+    schema = json.loads((tmp_path / "raw" / SCHEMA_FILE).read_text())
+    assert schema["rows"]["total"] == 569 + 40
+    assert [f["name"] for f in schema["features"]] == names
+    assert schema["classes"] == sorted(CLASSES)
+    assert schema["sources"][1] == {
+        "field": "data.extra[0]", "uri": uri, "format": "requestLog", "since": stamp,
+        "rows": len(x), "labelled": 40,
+    }  # fmt: skip
+    assert result.metrics["extra_rows"] == 40
+    got = pd.concat(pd.read_parquet(tmp_path / "raw" / f"{s}.parquet") for s in SPLITS)
+    # exactly the template's rows and the window's 40 labelled ones (the 36 rows served
+    # before it are left out: without since the table would hold 569 + 76 rows)
+    template = builtin_datasets.load_builtin("breast-cancer")
+    window = pd.DataFrame(x[:40].astype("float64"), columns=names).assign(label=labels[:40])
+    want = pd.concat([template, window], ignore_index=True)
+    order = [*names, "label"]
+    pd.testing.assert_frame_equal(
+        got[order].sort_values(order, ignore_index=True),
+        want[order].sort_values(order, ignore_index=True),
+        check_dtype=False,
+    )
+
+
+async def test_since_on_the_main_log_reads_only_the_window(model_dir: Path, tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}/log"
+    await serve_and_label(model_dir, uri, requests=30, labelled=30)
+    since = dt.datetime.now(dt.UTC)
+    await serve_and_label(model_dir, uri, requests=60, labelled=55)
+    stamp = since.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    result = run_ingest(request_log_spec(uri, since=stamp), tmp_path / "raw")
+
+    assert result.metrics["rows"] == 55
+    assert result.metrics["rows_without_target"] == 60 + 6 * 2 - 55
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with pytest.raises(StepError, match=f"served at or after data.since={later}") as info:
+        run_ingest(request_log_spec(uri, since=later), tmp_path / "empty")
+    assert info.value.field == "data.since"
+
+
+async def test_a_log_without_a_column_of_the_main_table_names_it(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    uri = f"file://{tmp_path}/log"
+    await serve_and_label(model_dir, uri, requests=10, labelled=10)
+    template = builtin_datasets.load_builtin("breast-cancer").assign(age=50)
+    template.to_csv(tmp_path / "template.csv", index=False)
+    spec = TrainingRunSpec.model_validate(
+        {
+            "data": {
+                "uri": f"file://{tmp_path}/template.csv",
+                "target": "label",
+                "extra": [{"uri": uri, "format": "requestLog"}],
+            },
+            "registration": {"modelName": "m"},
+        }
+    )
+    with pytest.raises(StepError, match=r"lacks columns the main table has: \['age'\]") as info:
+        run_ingest(spec, tmp_path / "raw")
+    assert info.value.field == "data.extra[0].uri"
