@@ -111,6 +111,7 @@ bench: venv system-deps cluster-build ## benchmarks (bench/); each ends with a R
 	@$(PY) bench/tune_efficiency.py
 	@$(PY) bench/optimize_int8.py
 	@$(PY) bench/drift_compute.py
+	@$(PY) bench/closed_loop.py
 
 .PHONY: clean
 clean: ## remove local build state (keeps the caches)

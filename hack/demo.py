@@ -159,13 +159,17 @@ def watch_drift(
     def check() -> dict[str, Any] | None:
         st = env.k.status("dp", loop.POLICY)
         signals = "  ".join(
-            f"{s['name']}={_num(s.get('value'))}/{_num(s.get('threshold'))} "
-            f"{s.get('outcome', '')[:5]}"
+            f"{s['name']}{'[' + s['feature'] + ']' if s.get('feature') else ''}="
+            f"{_num(s.get('value'))}/{_num(s.get('threshold'))} {s.get('outcome', '')}"
             for s in st.get("signals", [])
         )
-        bar.update(task, info=f"{st.get('phase', '')}  {signals}  rows={traffic.rows}")
-        if st.get("lastEvaluatedAt"):
-            evaluations.add(st["lastEvaluatedAt"])
+        bar.update(task, info=f"{st.get('phase', '')} rows={traffic.rows}")
+        stamp = st.get("lastEvaluatedAt")
+        if stamp and stamp not in evaluations:  # one line per evaluation: value/threshold
+            evaluations.add(stamp)
+            bar.console.print(
+                f"  {time.monotonic() - start:5.1f}s {st.get('phase', ''):10s} {signals}"
+            )
         if until == "steady" and len(evaluations) >= 4 and time.monotonic() - start > 12:
             return st
         if until == "retrain" and st.get("retrains"):
@@ -179,11 +183,16 @@ def watch_drift(
 
 def canary(env: Env, bar: Progress, version: str) -> dict[str, Any]:
     task = bar.add_task(f"canary {version}", total=100, info="")
+    seen: list[Any] = []
 
     def promoted() -> dict[str, Any] | None:
         st = env.k.status("md", loop.MODEL)
         weight = st.get("canary", {}).get("weight", 0)
         stable = st.get("stable", {}).get("modelVersion")
+        step = (st.get("phase"), stable, weight)
+        if [step] != seen:
+            seen[:] = [step]
+            bar.console.print(f"  canary: {st.get('phase')} stable={stable} {version} at {weight}%")
         bar.update(
             task,
             completed=100 if stable == version else weight,
@@ -327,7 +336,7 @@ def summary(
 
 
 def main() -> int:
-    console = Console()
+    console = Console(markup=False, highlight=False)  # feature names look like [markup]
     with environment(console) as env:
         times = story(env, console)
     console.rule("stage times")

@@ -64,7 +64,8 @@ def manifests(
             "serving": {
                 "backend": "local",
                 "monitoring": {
-                    "requestLog": {"enabled": True, "sampleRate": 1.0},
+                    # a file every 2 s: the retrain reads the rows up to the breach
+                    "requestLog": {"enabled": True, "sampleRate": 1.0, "flushInterval": "2s"},
                     "feedbackTtl": "10m",
                 },
             },
@@ -77,8 +78,11 @@ def manifests(
                     "maxErrorRate": 0.05,
                     "maxP99LatencyMs": 3000,
                     # The retrained model is meant to answer differently from the stable one:
-                    # the prediction-shift check would refuse the very change the loop wants.
-                    "maxPredictionShift": 100.0,
+                    # the prediction-shift check would refuse the very change the loop wants;
+                    # labelled accuracy judges it instead.
+                    "maxPredictionShift": 10.0,  # its largest value
+                    "maxAccuracyDrop": 0.05,
+                    "minLabelledRows": 50,
                     "failureLimit": 1,
                 },
             },
