@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hack import prometheus as prometheus_mod
 from hack.cluster import cluster as cluster_mod
 from kopf.testing import KopfRunner
 
 from kubeloop.backends.kube import NAMESPACES, KubeClient, NotFound, connection_info
+from kubeloop.backends.serving_local import LocalServingBackend
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -117,6 +119,29 @@ def operator(namespace: str, artifact_root: Path) -> Iterator[KopfRunner]:
     with KopfRunner(args, timeout=60) as runner:
         yield runner
     assert runner.exception is None, runner.output[-4000:]
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[prometheus_mod.Prom]:
+    state = tmp_path_factory.mktemp("prometheus")
+    prom = prometheus_mod.up(state, targets_dir=state / "targets", scrape_interval="1s")
+    try:
+        yield prom
+    finally:
+        prometheus_mod.down(state)
+
+
+@pytest.fixture
+def serving_env(
+    prometheus: prometheus_mod.Prom, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    state = tmp_path / "state"
+    monkeypatch.setenv("KUBELOOP_PROMETHEUS_URL", prometheus.url)
+    monkeypatch.setenv("KUBELOOP_SCRAPE_TARGETS_DIR", str(prometheus.targets_dir))
+    monkeypatch.setenv("KUBELOOP_STATE_DIR", str(state))
+    yield state
+    # The model servers outlive the operator by design; the test must not leak them.
+    LocalServingBackend(state, prometheus.targets_dir).stop_all()
 
 
 def operator_process(

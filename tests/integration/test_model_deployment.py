@@ -12,7 +12,7 @@ import functools
 import shutil
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from kopf.testing import KopfRunner
 
 from kubeloop.backends.kube import MODEL_DEPLOYMENTS, MODEL_VERSIONS, KubeClient
 from kubeloop.backends.prometheus import PrometheusClient
-from kubeloop.backends.serving_local import LocalServingBackend
 from kubeloop.contract.labels import APPROVE_ANNOTATION
 from kubeloop.serving.samples import breast_cancer_rows, train_tabular_model, write_broken_model
 from tests.integration.conftest import condition, eventually, operator_process
@@ -40,29 +39,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "v2": train_tabular_model(root / "v2", seed=2),
         "v3": write_broken_model(root / "v3"),
     }
-
-
-@pytest.fixture(scope="module")
-def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[prometheus_mod.Prom]:
-    state = tmp_path_factory.mktemp("prometheus")
-    prom = prometheus_mod.up(state, targets_dir=state / "targets", scrape_interval="1s")
-    try:
-        yield prom
-    finally:
-        prometheus_mod.down(state)
-
-
-@pytest.fixture
-def serving_env(
-    prometheus: prometheus_mod.Prom, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Path]:
-    state = tmp_path / "state"
-    monkeypatch.setenv("KUBELOOP_PROMETHEUS_URL", prometheus.url)
-    monkeypatch.setenv("KUBELOOP_SCRAPE_TARGETS_DIR", str(prometheus.targets_dir))
-    monkeypatch.setenv("KUBELOOP_STATE_DIR", str(state))
-    yield state
-    # The model servers outlive the operator by design; the test must not leak them.
-    LocalServingBackend(state, prometheus.targets_dir).stop_all()
 
 
 def version_doc(number: int, folder: Path, **spec: Any) -> dict[str, Any]:

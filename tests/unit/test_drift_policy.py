@@ -13,7 +13,7 @@ from kubeloop.api.drift_policy import DriftPolicy
 from kubeloop.api.model_version import ModelVersion
 from kubeloop.contract.labels import DRIFT_EVIDENCE_ANNOTATION, DRIFT_POLICY_LABEL
 from kubeloop.planning import drift_policy as plan
-from kubeloop.planning import drift_signals
+from kubeloop.planning import drift_signals, retrain
 
 T0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
 EDGES = [float(e) for e in range(11)]
@@ -58,7 +58,7 @@ def policy(*, hold: str = "20s", **spec: Any) -> DriftPolicy:
 
 
 BASELINE = drift_signals.Baseline.of(version())
-SERVED = plan.Served(
+SERVED = retrain.Served(
     stable="fraud-v1", followed_alias="candidate", request_log_uri="file:///r/team-a/log"
 )
 TEMPLATE = {
@@ -183,9 +183,9 @@ def test_one_in_flight_then_cooldown_then_the_daily_cap() -> None:
     pol = policy(hold="0s", action={"cooldown": "60s", "maxRetrainsPerDay": 2})
     first = run(pol, DRIFTED, 0).create
     assert first is not None
-    child = plan.Child(first["metadata"]["name"], "Running")
+    child = retrain.Child(first["metadata"]["name"], "Running")
     assert run(pol, DRIFTED, 10, children={child.name: child}).create is None  # in flight
-    failed = plan.Child(child.name, "Failed", gates_failed=True, message="accuracy 0.6 < 0.75")
+    failed = retrain.Child(child.name, "Failed", gates_failed=True, message="accuracy 0.6 < 0.75")
     decision = run(pol, DRIFTED, 20, children={child.name: failed})
     assert pol.status.retrains[0].outcome == "GatesFailed"
     assert decision.create is None
@@ -196,7 +196,7 @@ def test_one_in_flight_then_cooldown_then_the_daily_cap() -> None:
     assert second["metadata"]["name"] == "fraud-drift-retrain-2"
     done = {
         child.name: failed,
-        "fraud-drift-retrain-2": plan.Child("fraud-drift-retrain-2", "Failed", message="boom"),
+        "fraud-drift-retrain-2": retrain.Child("fraud-drift-retrain-2", "Failed", message="boom"),
     }
     assert run(pol, DRIFTED, 80, children=done).create is None
     assert pol.status.retrains[1].outcome == "Failed"
@@ -212,7 +212,7 @@ def test_a_restart_after_creating_adopts_the_child_instead_of_creating_another()
     created = run(pol, DRIFTED, 0).create
     assert created is not None
     pol.status = before  # the status write was lost: the operator died right after creating
-    child = plan.Child("fraud-drift-retrain-1", "Running")
+    child = retrain.Child("fraud-drift-retrain-1", "Running")
     decision = run(pol, DRIFTED, 10, children={child.name: child})
     assert decision.create is None
     assert [r.training_run for r in pol.status.retrains] == ["fraud-drift-retrain-1"]
@@ -222,12 +222,12 @@ def test_a_restart_after_creating_adopts_the_child_instead_of_creating_another()
 def test_the_outcome_follows_the_version_through_its_rollout_and_rebaselines() -> None:
     pol = policy(hold="0s")
     run(pol, DRIFTED, 0)
-    ok = plan.Child("fraud-drift-retrain-1", "Succeeded", model_version="fraud-v2")
+    ok = retrain.Child("fraud-drift-retrain-1", "Succeeded", model_version="fraud-v2")
     children = {ok.name: ok}
     run(pol, STABLE, 10, children=children)
     assert pol.status.retrains[0].outcome == "RollingOut"
     assert pol.status.retrains[0].model_version == "fraud-v2"
-    promoted = plan.Served(
+    promoted = retrain.Served(
         stable="fraud-v2",
         rollouts={"fraud-v2": "Promoted"},
         followed_alias="candidate",
@@ -244,11 +244,11 @@ def test_the_outcome_follows_the_version_through_its_rollout_and_rebaselines() -
 
 
 def test_rolled_back_and_vanished_retrains_are_final() -> None:
-    served = plan.Served(stable="fraud-v1", rollouts={"fraud-v2": "RolledBack"})
-    child = plan.Child("r", "Succeeded", model_version="fraud-v2")
-    assert plan._outcome_of(child, served)[0] == "RolledBack"
-    assert plan._outcome_of(None, served)[0] == "Failed"
-    assert plan._outcome_of(plan.Child("r", "Suspended"), served)[0] == "AwaitingApproval"
+    served = retrain.Served(stable="fraud-v1", rollouts={"fraud-v2": "RolledBack"})
+    child = retrain.Child("r", "Succeeded", model_version="fraud-v2")
+    assert retrain.outcome_of(child, served)[0] == "RolledBack"
+    assert retrain.outcome_of(None, served)[0] == "Failed"
+    assert retrain.outcome_of(retrain.Child("r", "Suspended"), served)[0] == "AwaitingApproval"
 
 
 def test_dry_run_renders_and_creates_nothing() -> None:

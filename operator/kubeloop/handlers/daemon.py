@@ -18,7 +18,7 @@ Warning Event once failures persist, and the reconcile metrics.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import kopf
 from pydantic import BaseModel
@@ -78,6 +78,28 @@ class Owner(Protocol):
     status: Any
 
     def model_dump(self, *, by_alias: bool, mode: str) -> dict[str, Any]: ...
+
+
+OwnerT = TypeVar("OwnerT", bound=Owner)
+
+
+def own_status(
+    parse: Callable[[], OwnerT], reconcile: Callable[[OwnerT], Awaitable[float]]
+) -> Callable[[], Awaitable[float]]:
+    """A pass over a resource whose status this daemon alone writes: the resource is parsed from
+    the live body, but carries the status this daemon last wrote (newer than what the watch may
+    have echoed yet)."""
+    written: list[Any] = []
+
+    async def one_pass() -> float:
+        resource = parse()
+        if written:
+            resource.status = written[-1]
+        delay = await reconcile(resource)
+        written[:] = [resource.status]
+        return delay
+
+    return one_pass
 
 
 async def write_status(

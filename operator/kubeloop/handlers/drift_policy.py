@@ -36,11 +36,11 @@ from kubeloop.handlers.errors import describe_validation_error
 from kubeloop.handlers.metrics import DRIFT_FIRING, DRIFT_SIGNAL, DRIFT_THRESHOLD, RETRAINS
 from kubeloop.handlers.startup import Context, context
 from kubeloop.planning import drift_policy as plan
-from kubeloop.planning import drift_signals, naming
+from kubeloop.planning import drift_signals, naming, retrain
 from kubeloop.planning.conditions import find, set_condition
 
 
-def served_view(ctx: Context, md: ModelDeployment) -> plan.Served:
+def served_view(ctx: Context, md: ModelDeployment) -> retrain.Served:
     rollouts = {r.to_version: r.result for r in md.status.history}
     monitoring = md.spec.serving.monitoring
     backend = md.spec.serving.backend
@@ -53,7 +53,7 @@ def served_view(ctx: Context, md: ModelDeployment) -> plan.Served:
             object_store_prefix=ctx.settings.object_store_prefix,
             remote=(backend if backend != "default" else ctx.settings.serving_backend) == "kserve",
         )
-    return plan.Served(
+    return retrain.Served(
         stable=md.status.stable.model_version,
         rollouts=rollouts,
         followed_alias=md.spec.model.alias.alias if md.spec.model.alias else None,
@@ -61,14 +61,14 @@ def served_view(ctx: Context, md: ModelDeployment) -> plan.Served:
     )
 
 
-def child_of(body: dict[str, Any]) -> plan.Child:
+def child_of(body: dict[str, Any]) -> retrain.Child:
     status = body.get("status") or {}
     conditions = status.get("conditions") or []
     gates: dict[str, Any] = next(
         (c for c in conditions if c.get("type") == reasons.GATES_PASSED), {}
     )
     ready: dict[str, Any] = next((c for c in conditions if c.get("type") == reasons.READY), {})
-    return plan.Child(
+    return retrain.Child(
         name=body["metadata"]["name"],
         phase=str(status.get("phase") or ""),
         model_version=str(status.get("modelVersion") or ""),
@@ -244,18 +244,16 @@ async def run_policy(
 ) -> None:
     ctx = context(memo)
     registry = ctx.registry(kwargs["versions_by_model"])  # the kopf index
-    written: list[DriftPolicyStatus] = []  # the status this daemon last wrote
+    reconcile = daemon.own_status(
+        lambda: DriftPolicy.parse(body), lambda p: reconcile_policy(ctx, registry, p, logger)
+    )
 
     async def one_pass() -> float:
         try:
-            policy = DriftPolicy.parse(body)
-        except pydantic.ValidationError as exc:
+            DriftPolicy.parse(body)
+        except pydantic.ValidationError as exc:  # what the API server cannot check
             await refuse(ctx, body, exc)
             return daemon.POLL_S
-        if written:
-            policy.status = written[-1]  # ours is newer than what the watch may have echoed
-        delay = await reconcile_policy(ctx, registry, policy, logger)
-        written[:] = [policy.status]
-        return delay
+        return await reconcile()
 
     await daemon.run("DriftPolicy", body, stopped, logger, one_pass)

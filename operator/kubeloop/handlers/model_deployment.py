@@ -18,7 +18,7 @@ from typing import Any, Literal
 import kopf
 
 from kubeloop import GROUP, VERSION, reasons
-from kubeloop.api.model_deployment import ModelDeployment, ModelDeploymentStatus
+from kubeloop.api.model_deployment import ModelDeployment
 from kubeloop.api.model_version import ModelVersion
 from kubeloop.backends.canary_metrics import Measured, measure
 from kubeloop.backends.kube import MODEL_DEPLOYMENTS, TRAINING_RUNS, NotFound
@@ -208,16 +208,10 @@ async def run_rollout(
 ) -> None:
     ctx = context(memo)
     registry = ctx.registry(kwargs["versions_by_model"])  # the kopf index
-    written: list[ModelDeploymentStatus] = []  # the status this daemon last wrote
-
-    async def one_pass() -> float:
-        md = ModelDeployment.parse(body)
-        if written:
-            md.status = written[-1]  # ours is newer than what the watch may have echoed yet
-        delay = await reconcile_deployment(ctx, registry, md, logger)
-        written[:] = [md.status]
-        return delay
-
+    one_pass = daemon.own_status(
+        lambda: ModelDeployment.parse(body),
+        lambda md: reconcile_deployment(ctx, registry, md, logger),
+    )
     await daemon.run("ModelDeployment", body, stopped, logger, one_pass)
 
 

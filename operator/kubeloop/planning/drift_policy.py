@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from kubeloop import GROUP, VERSION, reasons
+from kubeloop import reasons
 from kubeloop.api.drift_policy import (
     DriftPolicy,
     DriftPolicyStatus,
@@ -35,45 +35,18 @@ from kubeloop.api.drift_policy import (
 from kubeloop.contract.durations import parse_rfc3339, rfc3339, seconds
 from kubeloop.contract.labels import (
     DRIFT_EVIDENCE_ANNOTATION,
-    DRIFT_POLICY_LABEL,
     RETRAIN_REASON_ANNOTATION,
 )
 from kubeloop.planning.conditions import set_condition
 from kubeloop.planning.drift_signals import Result, overall, top_features
+from kubeloop.planning.retrain import Child, Served, child_name, outcome_of, retrain_body
 
 HISTORY: Final = 30
 RETRAINS_KEPT: Final = 30
 FINAL_OUTCOMES: Final = frozenset({"Promoted", "RolledBack", "GatesFailed", "Failed"})
-_ROLLOUT_OUTCOME: Final = {
-    "Promoted": "Promoted",
-    "RolledBack": "RolledBack",
-    "Aborted": "RolledBack",
-    "Superseded": "RolledBack",
-}
 DAY_S: Final = 86_400.0
 
 Event = tuple[str, str, str]
-
-
-@dataclass(frozen=True)
-class Child:
-    """A TrainingRun carrying this policy's label."""
-
-    name: str
-    phase: str
-    model_version: str = ""
-    gates_failed: bool = False
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class Served:
-    """The target deployment as the policy needs it."""
-
-    stable: str | None
-    rollouts: Mapping[str, str] = field(default_factory=dict)  # to-version → last result
-    followed_alias: str | None = None
-    request_log_uri: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,11 +76,6 @@ class Decision:
 def evaluation_due(policy: DriftPolicy, now: dt.datetime) -> bool:
     last = parse_rfc3339(policy.status.last_evaluated_at)
     return last is None or (now - last).total_seconds() >= seconds(policy.spec.interval) - 0.05
-
-
-def child_name(policy: str, n: int) -> str:
-    suffix = f"-retrain-{n}"
-    return policy[: 63 - len(suffix)].rstrip("-") + suffix
 
 
 def plan(policy: DriftPolicy, obs: Observed) -> Decision:
@@ -201,7 +169,7 @@ def _track(status: DriftPolicyStatus, obs: Observed, decision: Decision) -> None
     for record in status.retrains:
         if record.outcome in FINAL_OUTCOMES:
             continue
-        outcome, why = _outcome_of(obs.children.get(record.training_run), served)
+        outcome, why = outcome_of(obs.children.get(record.training_run), served)
         child = obs.children.get(record.training_run)
         if child is not None and child.model_version:
             record.model_version = child.model_version
@@ -223,25 +191,6 @@ def _track(status: DriftPolicyStatus, obs: Observed, decision: Decision) -> None
                     f"trainingrun {record.training_run} kubeloop.dev/approve=true",
                 )
             )
-
-
-def _outcome_of(child: Child | None, served: Served) -> tuple[str, str]:
-    if child is None:
-        return "Failed", " (the TrainingRun is gone)"
-    if child.phase == "Suspended":
-        return "AwaitingApproval", ""
-    if child.phase == "Failed":
-        if child.gates_failed:
-            return "GatesFailed", f" (not registered, never deployed: {child.message})"[:200]
-        return "Failed", f" ({child.message})"[:200] if child.message else ""
-    if child.phase != "Succeeded" or not child.model_version:
-        return "Training", ""
-    result = served.rollouts.get(child.model_version)
-    if result in _ROLLOUT_OUTCOME:
-        return _ROLLOUT_OUTCOME[result], f" ({child.model_version}: {result})"
-    if served.stable == child.model_version:
-        return "Promoted", f" ({child.model_version} is stable)"
-    return "RollingOut", ""
 
 
 def _rebaseline(status: DriftPolicyStatus, served: Served, decision: Decision) -> None:
@@ -319,12 +268,11 @@ def _record(
 
 
 def _score(r: Result) -> str:
+    """e.g. ``psi[amount]=0.41 > 0.12`` (breaching) or ``psi[amount]=0.03 (limit 0.12)``."""
     limit = f"{r.threshold:.3g}" if r.threshold is not None else "?"
-    return (
-        f"{r.score_text()} {'<' if r.below else '>'}{'' if r.outcome == 'Breach' else '?'} {limit}"[
-            :128
-        ]
-    )
+    if r.outcome == "Breach":
+        return f"{r.score_text()} {'<' if r.below else '>'} {limit}"[:128]
+    return f"{r.score_text()} (limit {limit})"[:128]
 
 
 def _breaching(results: Sequence[Result]) -> str:
@@ -456,119 +404,6 @@ def _evidence_of(rendered: str) -> dict[str, Any]:
         return dict(json.loads(body["metadata"]["annotations"][DRIFT_EVIDENCE_ANNOTATION]))
     except (ValueError, KeyError, TypeError):
         return {}
-
-
-def served_since(policy: DriftPolicy, status: DriftPolicyStatus, now: dt.datetime) -> dt.datetime:
-    """Where the served rows of a retrain begin: one interval before the first breaching
-    evaluation (the one before it passed, so the rows before are the distribution that was
-    fine), and at most ``window`` back."""
-    start = now - dt.timedelta(seconds=seconds(policy.spec.window))
-    began = parse_rfc3339(status.breaching_since)
-    if began is not None:
-        start = max(start, began - dt.timedelta(seconds=seconds(policy.spec.interval)))
-    return start
-
-
-def retrain_body(
-    policy: DriftPolicy,
-    template: Mapping[str, Any],
-    served: Served,
-    status: DriftPolicyStatus,
-    results: Sequence[Result],
-    *,
-    name: str,
-    now: dt.datetime,
-) -> dict[str, Any]:
-    """The TrainingRun a retrain creates: the template's spec, with the window's served
-    labelled rows as (or added to) its data, the followed alias as its registration alias,
-    the served version as its parent, suspended when approval is manual; labelled, owned and
-    annotated with the evidence."""
-    action = policy.spec.action
-    spec = json.loads(json.dumps(dict(template)))  # a deep copy of plain JSON
-    spec.pop("schedule", None)
-    start = served_since(policy, status, now)
-    served_rows = {
-        "uri": served.request_log_uri,
-        "format": "requestLog",
-        "since": rfc3339(start),
-    }
-    data = dict(spec.get("data") or {})
-    if action.data == "served":
-        data = {
-            key: value
-            for key, value in data.items()
-            if key in ("target", "task", "features", "split")
-        } | served_rows
-    elif action.data == "both":
-        data["extra"] = [*(data.get("extra") or []), served_rows][-4:]
-    spec["data"] = data
-    registration = dict(spec.get("registration") or {})
-    if served.followed_alias:
-        registration["alias"] = served.followed_alias
-    if status.baseline_version:
-        registration["parentVersion"] = status.baseline_version
-    spec["registration"] = registration
-    # A template may itself be suspended (a recipe that never runs on its own): the retrain
-    # waits only when the policy asks for approval.
-    spec["suspend"] = action.approval == "manual"
-    breaching = [r for r in results if r.outcome == "Breach"]
-    evidence = {
-        "policy": policy.name,
-        "baselineVersion": status.baseline_version,
-        "window": policy.spec.window,
-        "windowStart": rfc3339(start),
-        "windowEnd": rfc3339(now),
-        "breachingSince": status.breaching_since,
-        "for": policy.spec.for_,
-        "data": action.data,
-        "signals": [
-            {
-                "name": r.name,
-                "type": r.type,
-                "value": r.value,
-                "threshold": r.threshold,
-                "count": r.count,
-                "feature": r.feature,
-                "outcome": r.outcome,
-            }
-            for r in results
-        ],
-        "topFeatures": [s.model_dump(mode="json") for s in status.top_features],
-    }
-    reason = (
-        f"drift on {status.baseline_version or 'the served version'}: "
-        + "; ".join(
-            f"{r.name} {r.score_text()} {'<' if r.below else '>'} {r.threshold:.3g} "
-            f"(n={r.count or 0:.0f})"
-            for r in breaching
-            if r.threshold is not None
-        )
-        + f", over {policy.spec.window} for {policy.spec.for_}"
-    )
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "TrainingRun",
-        "metadata": {
-            "name": name,
-            "namespace": policy.namespace,
-            "labels": {DRIFT_POLICY_LABEL: policy.name},
-            "annotations": {
-                DRIFT_EVIDENCE_ANNOTATION: json.dumps(evidence, separators=(",", ":")),
-                RETRAIN_REASON_ANNOTATION: reason[:1000],
-            },
-            "ownerReferences": [
-                {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "DriftPolicy",
-                    "name": policy.name,
-                    "uid": policy.metadata.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": False,
-                }
-            ],
-        },
-        "spec": spec,
-    }
 
 
 # --- summary ---------------------------------------------------------------------------------
