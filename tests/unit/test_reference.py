@@ -19,7 +19,6 @@ from kubeloop.contract.reference import (
     MISSING,
     TEXT_SUMMARY,
     bucket_index,
-    bucket_labels,
     histogram,
     image_summary,
     input_summary,
@@ -31,6 +30,7 @@ from kubeloop.contract.reference import (
     summary_features,
     text_summary,
 )
+from kubeloop.contract.serving_metrics import bucket_labels
 from kubeloop.serving.metrics import ServingMetrics
 
 _versions = itertools.count()
