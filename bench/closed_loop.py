@@ -44,7 +44,7 @@ def baseline_train_s() -> float:
 
 
 def main() -> int:
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False, highlight=False)  # as the demo: no markup
     with demo.environment(console) as env:
         times = demo.story(env, console)
     base = baseline_train_s()

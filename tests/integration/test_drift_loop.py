@@ -74,11 +74,7 @@ def events(k: loop.Kubectl, name: str) -> list[str]:
 
 def finished(k: loop.Kubectl, name: str, within: float = 300) -> dict[str, Any]:
     """TrainingRun ``name``'s status once it ended; it must have succeeded."""
-    st: dict[str, Any] = loop.wait(
-        lambda: (s := k.status("tr", name)).get("phase") in ("Succeeded", "Failed") and s,
-        within=within,
-        what=f"TrainingRun {name} to end",
-    )
+    st = finished_any(k, name, within)
     assert st["phase"] == "Succeeded", st
     return st
 
@@ -117,6 +113,33 @@ def assert_evidence(run: dict[str, Any], v1: str) -> None:
     assert run["spec"]["registration"]["parentVersion"] == v1
 
 
+def assert_rebaselined(k: loop.Kubectl, v2: str) -> dict[str, Any]:
+    """The policy followed the promotion, and judges the new version's stream against its own
+    reference: the drift just answered (PSI 0.2 to 1.5 against thresholds near 0.02) is gone."""
+    policy: dict[str, Any] = loop.wait(
+        lambda: (
+            (p := k.status("dp", loop.POLICY)).get("baselineVersion") == v2
+            and p.get("retrains", [{}])[0].get("outcome") == "Promoted"
+            and p
+        ),
+        within=60,
+        what="the policy to follow the promotion",
+    )
+
+    def rebased_features() -> dict[str, Any] | None:
+        signals = k.status("dp", loop.POLICY).get("signals", [])
+        return next(
+            (x for x in signals if x["name"] == "features" and x["outcome"] != "Inconclusive"),
+            None,
+        )
+
+    rebased = loop.wait(
+        rebased_features, within=60, what="a conclusive evaluation against the new reference"
+    )
+    assert rebased["value"] < 3 * rebased["threshold"], rebased
+    return policy
+
+
 async def test_the_loop_retrains_once_and_canaries_the_better_model(
     crds: LocalCluster, namespace: str, artifact_root: Path, env: Path, tmp_path: Path
 ) -> None:
@@ -137,6 +160,12 @@ async def test_the_loop_retrains_once_and_canaries_the_better_model(
         # The shift: detected, held for `for`, acted on once.
         traffic.regime = "after"
         shifted = time.monotonic()
+        loop.wait(
+            lambda: k.status("dp", loop.POLICY).get("breachingSince"),
+            within=60,
+            what="the first breach",
+        )
+        op.kill_and_restart()  # while the breach is held for `for`
         acted = loop.wait(lambda: loop.retrains(k), within=120, what="a retrain")
         detect_s = time.monotonic() - shifted
         op.kill_and_restart()  # right after the retrain was created
@@ -152,20 +181,12 @@ async def test_the_loop_retrains_once_and_canaries_the_better_model(
         )
         op.kill_and_restart()  # during the canary
         loop.wait(lambda: loop.serving(k, v2), within=240, what=f"{v2} promoted")
-        policy = loop.wait(
-            lambda: (
-                (p := k.status("dp", loop.POLICY)).get("baselineVersion") == v2
-                and p.get("retrains", [{}])[0].get("outcome") == "Promoted"
-                and p
-            ),
-            within=60,
-            what="the policy to follow the promotion",
-        )
+        policy = assert_rebaselined(k, v2)
     finally:
         if traffic is not None:
             traffic.stopped.set()
         op.stop()
-    # Exactly one retrain, despite two kills of the operator mid-loop.
+    # Exactly one retrain, despite three kills of the operator mid-loop.
     assert [r["metadata"]["name"] for r in loop.retrain_runs(k)] == [run_name]
     assert policy["retrainCount"] == 1
     assert policy["retrains"][0]["modelVersion"] == v2
@@ -221,7 +242,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def world_without_training(
-    k: loop.Kubectl, namespace: str, artifact_root: Path, trained: dict[str, Any], **policy: Any
+    k: loop.Kubectl,
+    namespace: str,
+    artifact_root: Path,
+    trained: dict[str, Any],
+    gates: list[dict[str, Any]] | None = None,
+    **policy: Any,
 ) -> tuple[str, dict[str, dict[str, Any]]]:
     """The served ``payments`` model from ``trained`` and a template TrainingRun that never
     runs on its own (suspended, never approved): the policy's recipe for a retrain."""
@@ -229,6 +255,8 @@ def world_without_training(
     docs = loop.manifests(loop.write_training_data(artifact_root, namespace), **policy)
     template = json.loads(json.dumps(docs["training"]))
     template["spec"]["suspend"] = True
+    if gates is not None:
+        template["spec"]["evaluation"]["gates"] = gates
     k.apply(template)
     docs["policy"]["spec"]["action"]["template"] = {"name": loop.MODEL}
     k.apply(docs["deployment"])
@@ -342,6 +370,11 @@ async def test_bad_policies_are_refused_naming_the_field(
                 "InvalidSpec",
                 "spec.signals[0].type",
             ),
+            "no-template": (
+                {"action": {"template": {"name": "gone"}}},
+                "TemplateNotFound",
+                "spec.action.template.name=gone",
+            ),
         }
         for name, (spec, _, _) in cases.items():
             doc = json.loads(json.dumps(base))
@@ -361,3 +394,63 @@ async def test_bad_policies_are_refused_naming_the_field(
         assert loop.retrain_runs(k) == []
     finally:
         op.stop()
+
+
+async def test_a_retrain_that_fails_its_gates_is_never_deployed_and_cools_down(
+    crds: LocalCluster,
+    namespace: str,
+    artifact_root: Path,
+    env: Path,
+    tmp_path: Path,
+    trained: dict[str, Any],
+) -> None:
+    k = kubectl(crds, namespace)
+    impossible = [{"metric": "accuracy", "op": ">=", "value": 0.999}]
+    v1, docs = world_without_training(
+        k, namespace, artifact_root, trained, gates=impossible, hold="0s", cooldown="10m"
+    )
+    op = Operator(namespace, artifact_root, tmp_path / "operator.log")
+    served = loop.wait(lambda: loop.serving(k, v1), within=120, what=f"{v1} serving")
+    traffic = loop.Traffic(served["url"])
+    traffic.regime = "after"
+    traffic.start()
+    try:
+        k.apply(docs["policy"])
+        name = loop.wait(lambda: loop.retrain_runs(k), within=90, what="a retrain")[0]
+        name = name["metadata"]["name"]
+        run = finished_any(k, name)
+        assert run["phase"] == "Failed", run
+        policy = loop.wait(
+            lambda: (
+                (p := k.status("dp", loop.POLICY)).get("retrains", [{}])[0].get("outcome")
+                == "GatesFailed"
+                and p
+            ),
+            within=60,
+            what="the policy to record GatesFailed",
+        )
+        await asyncio.sleep(10)  # more breaching evaluations inside the cooldown
+        policy = k.status("dp", loop.POLICY)
+        assert policy["phase"] == "Cooldown", policy
+        assert (
+            "cooldown" in next(c for c in policy["conditions"] if c["type"] == "Ready")["message"]
+        )
+        assert len(loop.retrain_runs(k)) == 1
+        assert "RetrainFinished" in events(k, loop.POLICY)
+        md = k.status("md", loop.MODEL)
+        assert md["stable"]["modelVersion"] == v1
+        assert md.get("history", []) == []
+        assert not md.get("canary", {}).get("modelVersion")
+        assert [m["metadata"]["name"] for m in k.items("mv")] == [v1]  # nothing registered
+    finally:
+        traffic.stopped.set()
+        op.stop()
+
+
+def finished_any(k: loop.Kubectl, name: str, within: float = 300) -> dict[str, Any]:
+    st: dict[str, Any] = loop.wait(
+        lambda: (s := k.status("tr", name)).get("phase") in ("Succeeded", "Failed") and s,
+        within=within,
+        what=f"TrainingRun {name} to end",
+    )
+    return st

@@ -141,8 +141,8 @@ def test_a_breach_acts_only_after_it_held_for_for_then_renders_the_retrain() -> 
     spec = body["spec"]
     assert spec["data"]["format"] == "requestLog"
     assert spec["data"]["uri"] == "file:///r/team-a/log"
-    # the rows since the breach began: one interval before the first breaching evaluation
-    assert spec["data"]["since"] == "2026-12-01T11:59:50Z"
+    # the rows since the breach began: the first breaching evaluation
+    assert spec["data"]["since"] == "2026-12-01T12:00:00Z"
     assert spec["data"]["target"] == "label"
     assert spec["data"]["split"] == {"seed": 3}
     assert spec["registration"] == {
@@ -367,3 +367,35 @@ def test_thresholds_the_schema_cannot_check_are_refused_by_the_model(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         policy(signals=[{"name": "s", **signal}])
+
+
+def test_between_evaluations_the_last_word_stands() -> None:
+    pol = policy(hold="0s", action={"cooldown": "1h"})
+    run(pol, DRIFTED, 0)
+    failed = {"fraud-drift-retrain-1": retrain.Child("fraud-drift-retrain-1", "Failed")}
+    run(pol, DRIFTED, 10, children=failed)
+    assert pol.status.phase == "Cooldown"
+    ready = pol.status.conditions[0]
+    for at in (11, 12, 13):  # passes with nothing measured (results=None)
+        assert run(pol, None, at, children=failed).create is None
+        assert pol.status.phase == "Cooldown"
+        assert pol.status.conditions[0] == ready
+
+
+def test_an_unreachable_prometheus_is_ready_false_and_never_acts() -> None:
+    pol = policy(hold="0s")
+    window = drift_signals.Window(problem="Prometheus unavailable: connection refused")
+    decision = run(pol, window, 0, unavailable=window.problem)
+    ready = pol.status.conditions[0]
+    assert (ready.status, ready.reason) == ("False", "PrometheusUnavailable")
+    assert decision.create is None
+    assert {s.outcome for s in pol.status.signals} == {"Inconclusive"}
+
+
+def test_a_missing_template_is_reported_before_any_breach() -> None:
+    pol = policy()
+    run(pol, STABLE, 0, template=None, template_problem="spec.action.template.name=x: none")
+    ready = pol.status.conditions[0]
+    assert (ready.status, ready.reason) == ("False", "TemplateNotFound")
+    run(pol, None, 2, template=None, template_problem="spec.action.template.name=x: none")
+    assert pol.status.conditions[0].reason == "TemplateNotFound"  # stays between evaluations

@@ -199,8 +199,8 @@ class RetrainAction(ApiModel):
     data: Literal["template", "served", "both"] = Field(
         default="both",
         description="Training data of the retrain: the template's; served: the labelled rows "
-        "the deployment logged (its request log) since the breach began (one interval before "
-        "the first breaching evaluation, at most window back); or both.",
+        "the deployment logged (its request log) since the breach began (the first breaching "
+        "evaluation, at most window back); or both.",
     )
     cooldown: Duration = Field(default="6h", description="Least time between two retrains.")
     max_retrains_per_day: int = Field(

@@ -124,9 +124,10 @@ async def observe(
         queries = signal_queries(spec.signals, ns, md.name, served.stable, spec.window)
     except InvalidSignal as exc:
         return _with_problem(base, reasons.INVALID_SPEC, str(exc))
-    results = None
+    results, unavailable = None, ""
     if plan.evaluation_due(policy, now):
         window = await read_window(ctx.prometheus, spec.signals, baseline, queries)
+        unavailable = window.problem
         # Calibrating an auto threshold at a new sample size simulates: off the event loop.
         results = await asyncio.to_thread(drift_signals.evaluate, spec.signals, baseline, window)
     template, template_problem = None, ""
@@ -139,6 +140,7 @@ async def observe(
         children=children,
         template=template,
         template_problem=template_problem,
+        unavailable=unavailable,
     )
 
 

@@ -62,6 +62,7 @@ class Observed:
     children: Mapping[str, Child] = field(default_factory=dict)
     template: Mapping[str, Any] | None = None
     template_problem: str = ""
+    unavailable: str = ""  # why the window could not be read (e.g. Prometheus unreachable)
 
 
 @dataclass
@@ -105,9 +106,16 @@ def plan(policy: DriftPolicy, obs: Observed) -> Decision:
     held_s = _age_s(status.breaching_since, now) if status.breaching_since else 0.0
     firing = current == "Breach" and held_s >= seconds(spec.for_) - 0.05
     decision.firing = firing
+    last = parse_rfc3339(status.last_evaluated_at)
+    wait = seconds(spec.interval) - ((now - last).total_seconds() if last else 0.0)
+    decision.requeue_after = max(0.2, wait)
+    if obs.results is None and not _settles(policy, status, active):
+        return decision  # nothing measured, nothing finished: the last evaluation's word stands
     held = Held()
-    if firing and obs.results is not None and not spec.suspend:
-        held = _act(policy, status, obs, decision, active)
+    if obs.results is not None:
+        held = _refusal(policy, obs)
+        if firing and not spec.suspend and not held.refused:
+            held = _act(policy, status, obs, decision, active)
     active = next((r for r in status.retrains if r.outcome not in FINAL_OUTCOMES), None)
     status.active_training_run = active.training_run if active else ""
     status.phase = _phase(policy, current=current, firing=firing, active=active, held=held)
@@ -130,10 +138,34 @@ def plan(policy: DriftPolicy, obs: Observed) -> Decision:
         generation=gen,
         now=now,
     )
-    last = parse_rfc3339(status.last_evaluated_at)
-    wait = seconds(spec.interval) - ((now - last).total_seconds() if last else 0.0)
-    decision.requeue_after = max(0.2, wait)
     return decision
+
+
+def _settles(policy: DriftPolicy, status: DriftPolicyStatus, active: RetrainRecord | None) -> bool:
+    """Between evaluations the summary changes only when a retrain started or ended, or the
+    policy just recovered from a problem (or was suspended or resumed)."""
+    was = policy.status.phase
+    in_flight = was in ("Retraining", "AwaitingApproval")
+    return (
+        was in ("", "Failed")
+        or in_flight != (active is not None)
+        or (active is not None and active.outcome != _active_outcome(policy.status))
+        or (was == "Suspended") != policy.spec.suspend
+    )
+
+
+def _active_outcome(status: DriftPolicyStatus) -> str:
+    return next((r.outcome for r in status.retrains if r.outcome not in FINAL_OUTCOMES), "")
+
+
+def _refusal(policy: DriftPolicy, obs: Observed) -> Held:
+    """What makes an evaluation pass Ready=False although nothing may be wrong with the data:
+    no window could be read, or a retrain could not be created if one were due."""
+    if obs.unavailable:
+        return Held(reasons.PROMETHEUS_UNAVAILABLE, obs.unavailable, refused=True)
+    if policy.spec.action.mode == "retrain" and obs.template is None and obs.template_problem:
+        return Held(reasons.TEMPLATE_NOT_FOUND, obs.template_problem, refused=True)
+    return Held()
 
 
 # --- retrains ------------------------------------------------------------------------------
