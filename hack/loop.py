@@ -35,6 +35,7 @@ POLICY: Final = "payments-drift"
 ALIAS: Final = "candidate"
 TRAIN_ROWS: Final = 4000
 API: Final = "kubeloop.dev/v1alpha1"
+AUTO: Final = {"threshold": "auto", "falseAlarmRate": 0.001}
 
 
 def manifests(
@@ -97,10 +98,12 @@ def manifests(
             "interval": interval,
             "window": window,
             "for": hold,
+            # auto thresholds at 0.1 % false alarms: evaluations every few seconds over
+            # overlapping windows must not cry wolf; the shift lands 10 to 80 times over them.
             "signals": [
-                {"name": "features", "type": "psi", "feature": "*", "threshold": "auto"},
-                {"name": "prediction", "type": "prediction", "threshold": "auto"},
-                {"name": "accuracy", "type": "accuracy", "threshold": "auto", "minCount": 200},
+                {"name": "features", "type": "psi", "feature": "*", **AUTO},
+                {"name": "prediction", "type": "prediction", **AUTO},
+                {"name": "accuracy", "type": "accuracy", "minCount": 200, **AUTO},
             ],
             "action": {
                 "mode": "retrain",

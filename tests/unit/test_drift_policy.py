@@ -399,3 +399,11 @@ def test_a_missing_template_is_reported_before_any_breach() -> None:
     assert (ready.status, ready.reason) == ("False", "TemplateNotFound")
     run(pol, None, 2, template=None, template_problem="spec.action.template.name=x: none")
     assert pol.status.conditions[0].reason == "TemplateNotFound"  # stays between evaluations
+
+
+def test_acting_at_once_takes_the_rows_that_first_breached() -> None:
+    pol = policy(hold="0s")
+    body = run(pol, DRIFTED, 0).create
+    assert body is not None
+    # for 0s: the breach began at this very evaluation; its rows are the interval before it
+    assert body["spec"]["data"]["since"] == "2026-12-01T11:59:50Z"

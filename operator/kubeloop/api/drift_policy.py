@@ -200,7 +200,8 @@ class RetrainAction(ApiModel):
         default="both",
         description="Training data of the retrain: the template's; served: the labelled rows "
         "the deployment logged (its request log) since the breach began (the first breaching "
-        "evaluation, at most window back); or both.",
+        "evaluation, or one interval before it when for is shorter than interval; at most "
+        "window back); or both.",
     )
     cooldown: Duration = Field(default="6h", description="Least time between two retrains.")
     max_retrains_per_day: int = Field(

@@ -78,13 +78,18 @@ def outcome_of(child: Child | None, served: Served) -> tuple[str, str]:
 
 
 def served_since(policy: DriftPolicy, status: DriftPolicyStatus, now: dt.datetime) -> dt.datetime:
-    """Where the served rows of a retrain begin: at the first breaching evaluation, and at most
-    ``window`` back. Rows from before it mix the old distribution in: measured in the demo, the
-    ~2 % of pre-shift rows that "one interval earlier" let in put the retrained version's own
-    stream at its drift threshold right after promotion."""
+    """Where the served rows of a retrain begin, at most ``window`` back: at the first breaching
+    evaluation when at least an interval of rows has been served since (``for`` >= interval);
+    acting sooner, one interval before it, where the rows that first breached are. Rows from
+    before the breach mix the old distribution in: measured in the demo, the ~2 % of pre-shift
+    rows that "one interval earlier" lets in put the retrained version's own stream at its
+    drift threshold right after promotion."""
     start = now - dt.timedelta(seconds=seconds(policy.spec.window))
     began = parse_rfc3339(status.breaching_since)
-    return max(start, began) if began is not None else start
+    if began is None:
+        return start
+    interval = dt.timedelta(seconds=seconds(policy.spec.interval))
+    return max(start, began if now - began >= interval else began - interval)
 
 
 def retrain_body(
