@@ -191,7 +191,9 @@ async def test_the_loop_retrains_once_and_canaries_the_better_model(
     assert policy["retrainCount"] == 1
     assert policy["retrains"][0]["modelVersion"] == v2
     reasons = events(k, loop.POLICY)
-    assert reasons.count("RetrainStarted") == 1, reasons
+    # Events are best effort: the kill right after the retrain was created may take its
+    # RetrainStarted Event with it (kopf posts them in the background), never a second one.
+    assert reasons.count("RetrainStarted") <= 1, reasons
     assert {"Rebaselined", "RetrainFinished"} <= set(reasons), reasons
     history = k.status("md", loop.MODEL)["history"]
     assert [(h["toVersion"], h["result"]) for h in history] == [(v2, "Promoted")]
