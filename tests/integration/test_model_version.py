@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -311,18 +312,23 @@ async def test_operator_killed_mid_work_resumes_without_duplicates(
         items = await kube.list(MODEL_VERSIONS, namespace)
         return sum((i.get("status") or {}).get("phase") == "Ready" for i in items)
 
-    first = operator_process(namespace, artifact_root, log)
+    first: subprocess.Popen[bytes] | None = None
     try:
-        # Kill on the first Ready seen on a watch (polling would see it too late).
+        # Kill on the first Ready seen on a watch (polling would see it too late). The operator
+        # starts only once the watch is open (its first event), so that Ready cannot slip by
+        # while the watch connects: on a fast run all 150 were Ready by then.
         async for _, obj in kube.watch(MODEL_VERSIONS, namespace, timeout_seconds=60):
+            if first is None:
+                first = operator_process(namespace, artifact_root, log)
             if (obj.get("status") or {}).get("phase") == "Ready":
                 break
+        assert first is not None
         first.send_signal(signal.SIGKILL)  # no graceful shutdown: mid-work
         first.wait(10)
         done_before = await ready_count()
         assert done_before < len(docs), "operator finished before it could be killed"
     finally:
-        if first.poll() is None:
+        if first is not None and first.poll() is None:
             first.kill()
     second = operator_process(namespace, artifact_root, log)
     try:
