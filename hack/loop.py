@@ -241,16 +241,13 @@ def wait(
     within: float,
     what: str,
     every: float = 0.5,
-    progress: Callable[[], None] | None = None,
 ) -> Any:
-    """Poll ``check`` until it returns something truthy (``progress`` runs between polls)."""
+    """Poll ``check`` until it returns something truthy."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
-        if progress is not None:
-            progress()
         time.sleep(every)
     raise TimeoutError(f"{what} not reached within {within:.0f}s")
 

@@ -347,10 +347,13 @@ def test_spec_problems_name_the_field() -> None:
         ]
     ).spec.signals
     problems = drift_signals.problems(signals, BASELINE)
-    assert problems[0].startswith("spec.signals[0].feature='nope'")
-    assert problems[1].startswith("spec.signals[1].type=mae needs a regressor")
+    assert problems[0][0] == "InvalidSpec"
+    assert problems[0][1].startswith("spec.signals[0].feature='nope'")
+    assert problems[1][1].startswith("spec.signals[1].type=mae needs a regressor")
     bare = drift_signals.Baseline.of(version(reference=[], predictionReference=None))
-    assert "no feature reference" in drift_signals.problems(signals, bare)[0]
+    reason, message = drift_signals.problems(signals, bare)[0]
+    assert reason == "NoReference"
+    assert "no feature reference" in message
 
 
 @pytest.mark.parametrize(
@@ -407,3 +410,12 @@ def test_acting_at_once_takes_the_rows_that_first_breached() -> None:
     assert body is not None
     # for 0s: the breach began at this very evaluation; its rows are the interval before it
     assert body["spec"]["data"]["since"] == "2026-12-01T11:59:50Z"
+
+
+def test_children_trimmed_from_the_record_are_not_adopted_again() -> None:
+    pol = policy()
+    pol.status.retrain_count = 40  # the record keeps the newest 30; older children still exist
+    old = {"fraud-drift-retrain-1": retrain.Child("fraud-drift-retrain-1", "Succeeded")}
+    run(pol, STABLE, 0, children=old)
+    assert pol.status.retrains == []
+    assert pol.status.retrain_count == 40

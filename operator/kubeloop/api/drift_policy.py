@@ -270,7 +270,6 @@ class SignalValue(ApiModel):
     outcome: Outcome = Field(default="Inconclusive", description="Breach, Pass or Inconclusive.")
     feature: ShortText = Field(default="", description="feature '*': the worst feature.")
     message: ShortText = Field(default="", description="Why inconclusive, or what breached.")
-    breached: bool = Field(default=False, description="Over threshold now.")
     since: ShortText = Field(default="", description="Breaching since.")
 
 

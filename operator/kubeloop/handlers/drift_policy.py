@@ -36,28 +36,17 @@ from kubeloop.handlers.errors import describe_validation_error
 from kubeloop.handlers.metrics import DRIFT_FIRING, DRIFT_SIGNAL, DRIFT_THRESHOLD, RETRAINS
 from kubeloop.handlers.startup import Context, context
 from kubeloop.planning import drift_policy as plan
-from kubeloop.planning import drift_signals, naming, retrain
+from kubeloop.planning import drift_signals, retrain
 from kubeloop.planning.conditions import find, set_condition
 
 
 def served_view(ctx: Context, md: ModelDeployment) -> retrain.Served:
-    rollouts = {r.to_version: r.result for r in md.status.history}
-    monitoring = md.spec.serving.monitoring
-    backend = md.spec.serving.backend
-    log_uri = ""
-    if monitoring.request_log.enabled:
-        log_uri = naming.request_log_uri(
-            md.namespace,
-            md.name,
-            artifact_root=str(ctx.settings.artifact_root),
-            object_store_prefix=ctx.settings.object_store_prefix,
-            remote=(backend if backend != "default" else ctx.settings.serving_backend) == "kserve",
-        )
+    logged = md.spec.serving.monitoring.request_log.enabled
     return retrain.Served(
         stable=md.status.stable.model_version,
-        rollouts=rollouts,
+        rollouts={r.to_version: r.result for r in md.status.history},
         followed_alias=md.spec.model.alias.alias if md.spec.model.alias else None,
-        request_log_uri=log_uri,
+        request_log_uri=ctx.request_log_uri(md) if logged else "",
     )
 
 
@@ -116,10 +105,8 @@ async def observe(
     baseline = drift_signals.Baseline.of(mv)
     wrong = drift_signals.problems(spec.signals, baseline)
     if wrong:
-        no_ref = all("reference" in w.lower() for w in wrong)
-        return _with_problem(
-            base, reasons.NO_REFERENCE if no_ref else reasons.INVALID_SPEC, "; ".join(wrong)
-        )
+        reason = wrong[0][0] if len({r for r, _ in wrong}) == 1 else reasons.INVALID_SPEC
+        return _with_problem(base, reason, "; ".join(m for _, m in wrong))
     try:
         queries = signal_queries(spec.signals, ns, md.name, served.stable, spec.window)
     except InvalidSignal as exc:

@@ -27,7 +27,7 @@ from kubeloop.contract.labels import APPROVE_ANNOTATION
 from kubeloop.handlers import daemon
 from kubeloop.handlers.errors import reconciler
 from kubeloop.handlers.startup import Context, context
-from kubeloop.planning import canary, naming
+from kubeloop.planning import canary
 from kubeloop.planning import registry as rules
 from kubeloop.planning.placement import Placement, ServingState, build_placement
 
@@ -53,15 +53,9 @@ def placement(
 ) -> Placement | None:
     """The placement to serve: the versions and the weight ``decided``, the request log under
     the tenant's prefix, the model's shared prediction edges (None: no stable version yet)."""
-    cfg, backend = ctx.settings, md.spec.serving.backend
-    log_uri = naming.request_log_uri(
-        md.namespace,
-        md.name,
-        artifact_root=str(cfg.artifact_root),
-        object_store_prefix=cfg.object_store_prefix,
-        remote=(backend if backend != "default" else cfg.serving_backend) == "kserve",
+    return build_placement(
+        versions, decided, request_log_uri=ctx.request_log_uri(md), prediction_edges=edges
     )
-    return build_placement(versions, decided, request_log_uri=log_uri, prediction_edges=edges)
 
 
 async def _run_registered(ctx: Context, md: ModelDeployment) -> str | None:

@@ -13,6 +13,7 @@ from typing import Any
 import kopf
 import prometheus_client
 
+from kubeloop.api.model_deployment import ModelDeployment
 from kubeloop.backends.executor import Executor
 from kubeloop.backends.kube import KubeClient, connection_info
 from kubeloop.backends.prometheus import PrometheusClient
@@ -21,6 +22,7 @@ from kubeloop.backends.registry_index import RegistryIndexWriter
 from kubeloop.backends.serving import ServingBackend
 from kubeloop.backends.serving_kserve import KServeBackend
 from kubeloop.backends.serving_local import LocalServingBackend
+from kubeloop.planning import naming
 from kubeloop.settings import Settings
 
 FINALIZER = "kubeloop.dev/finalizer"
@@ -79,6 +81,18 @@ class Context:
     def serving_backend(self, name: str) -> ServingBackend:
         """A ModelDeployment's serving backend (``default``: the operator's setting)."""
         return self.serving[self.settings.serving_backend if name == "default" else name]
+
+    def request_log_uri(self, md: ModelDeployment) -> str:
+        """Where a deployment's request log goes, under the tenant's prefix ('' for a remote
+        server without an object store)."""
+        cfg, backend = self.settings, md.spec.serving.backend
+        return naming.request_log_uri(
+            md.namespace,
+            md.name,
+            artifact_root=str(cfg.artifact_root),
+            object_store_prefix=cfg.object_store_prefix,
+            remote=(backend if backend != "default" else cfg.serving_backend) == "kserve",
+        )
 
     def executor_for(self, name: str) -> Executor:
         """A TrainingRun's executor (``default``: the operator's setting)."""

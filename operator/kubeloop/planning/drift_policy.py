@@ -34,7 +34,6 @@ from kubeloop.api.drift_policy import (
 )
 from kubeloop.contract.durations import parse_rfc3339, rfc3339, seconds
 from kubeloop.contract.labels import (
-    DRIFT_EVIDENCE_ANNOTATION,
     RETRAIN_REASON_ANNOTATION,
 )
 from kubeloop.planning.conditions import set_condition
@@ -89,7 +88,7 @@ def plan(policy: DriftPolicy, obs: Observed) -> Decision:
         _adopt(policy, status, obs)
         _track(status, obs, decision)
         _rebaseline(status, obs.served, decision)
-    active = next((r for r in status.retrains if r.outcome not in FINAL_OUTCOMES), None)
+    active = _active(status)
     status.active_training_run = active.training_run if active else ""
     status.retrains_today = sum(1 for r in status.retrains if _age_s(r.started_at, now) < DAY_S)
     if obs.problem is not None:
@@ -116,7 +115,7 @@ def plan(policy: DriftPolicy, obs: Observed) -> Decision:
         held = _refusal(policy, obs)
         if firing and not spec.suspend and not held.refused:
             held = _act(policy, status, obs, decision, active)
-    active = next((r for r in status.retrains if r.outcome not in FINAL_OUTCOMES), None)
+    active = _active(status)
     status.active_training_run = active.training_run if active else ""
     status.phase = _phase(policy, current=current, firing=firing, active=active, held=held)
     ready_reason, ready_message = _ready(policy, status, held)
@@ -149,13 +148,14 @@ def _settles(policy: DriftPolicy, status: DriftPolicyStatus, active: RetrainReco
     return (
         was in ("", "Failed")
         or in_flight != (active is not None)
-        or (active is not None and active.outcome != _active_outcome(policy.status))
+        or (active is not None and active != _active(policy.status))
         or (was == "Suspended") != policy.spec.suspend
     )
 
 
-def _active_outcome(status: DriftPolicyStatus) -> str:
-    return next((r.outcome for r in status.retrains if r.outcome not in FINAL_OUTCOMES), "")
+def _active(status: DriftPolicyStatus) -> RetrainRecord | None:
+    """The retrain in flight (at most one: the governor starts none while one is)."""
+    return next((r for r in status.retrains if r.outcome not in FINAL_OUTCOMES), None)
 
 
 def _refusal(policy: DriftPolicy, obs: Observed) -> Held:
@@ -172,10 +172,10 @@ def _refusal(policy: DriftPolicy, obs: Observed) -> Held:
 
 
 def _adopt(policy: DriftPolicy, status: DriftPolicyStatus, obs: Observed) -> None:
-    """Children the status does not know (created just before a restart) join the record."""
-    known = {r.training_run for r in status.retrains}
+    """Children created after the last retrain the status counts (just before a restart that
+    lost the status write) join the record. Older ones are known, or were trimmed from it."""
     for name in sorted(obs.children, key=_child_index):
-        if name in known:
+        if _child_index(name) <= status.retrain_count:
             continue
         status.retrains.append(
             RetrainRecord(
@@ -265,9 +265,12 @@ def _record(
             outcome=r.outcome,
             feature=r.feature,
             message=r.message,
-            breached=r.outcome == "Breach",
             since=(
-                (before[r.name].since if r.name in before and before[r.name].breached else stamp)
+                (
+                    before[r.name].since
+                    if r.name in before and before[r.name].outcome == "Breach"
+                    else stamp
+                )
                 if r.outcome == "Breach"
                 else ""
             ),
@@ -381,10 +384,8 @@ def _act(
     name = child_name(policy.name, status.retrain_count + 1)
     body = retrain_body(policy, obs.template, served, status, results, name=name, now=now)
     if action.dry_run:
-        rendered = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        previous = _evidence_of(status.dry_run_training_run).get("breachingSince")
-        status.dry_run_training_run = rendered
-        if previous != status.breaching_since:
+        status.dry_run_training_run = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        if policy.status.phase != "Drifted":  # once a breach: it stays Drifted while it holds
             decision.events.append(
                 (
                     "Normal",
@@ -428,14 +429,6 @@ def _held(policy: DriftPolicy, decision: Decision, why: str) -> Held:
     if policy.status.phase != "Cooldown":
         decision.events.append(("Normal", reasons.RETRAIN_HELD, f"drift holds, no retrain: {why}"))
     return Held(reasons.RETRAIN_HELD, why, cooldown=True)
-
-
-def _evidence_of(rendered: str) -> dict[str, Any]:
-    try:
-        body = json.loads(rendered) if rendered else {}
-        return dict(json.loads(body["metadata"]["annotations"][DRIFT_EVIDENCE_ANNOTATION]))
-    except (ValueError, KeyError, TypeError):
-        return {}
 
 
 # --- summary ---------------------------------------------------------------------------------

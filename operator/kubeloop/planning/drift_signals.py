@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Final
 
+from kubeloop import reasons
 from kubeloop.api.drift_policy import (
     CONCEPT_SIGNALS,
     FEATURE_SIGNALS,
@@ -120,41 +121,36 @@ def min_count(signal: Signal) -> float:
     )
 
 
-def problems(signals: Sequence[Signal], baseline: Baseline) -> list[str]:
-    """What in the spec cannot be evaluated against this baseline, each naming the field."""
-    out = []
+def problems(signals: Sequence[Signal], baseline: Baseline) -> list[tuple[str, str]]:
+    """What in the spec cannot be evaluated against this baseline: (reason, message naming the
+    field) each; ``NoReference`` where the version lacks the reference a signal needs."""
+    out: list[tuple[str, str]] = []
+    v = baseline.version
     for i, s in enumerate(signals):
         at = f"spec.signals[{i}]"
         if s.type in FEATURE_SIGNALS:
             if not baseline.features:
-                out.append(
-                    f"{at}.type={s.type}: ModelVersion {baseline.version} has no feature "
-                    "reference (spec.reference) to compare with"
-                )
+                why = f"{at}.type={s.type}: ModelVersion {v} has no feature reference"
+                out.append((reasons.NO_REFERENCE, f"{why} (spec.reference) to compare with"))
             elif s.feature != "*" and s.feature not in baseline.features:
                 known = ", ".join(sorted(baseline.features)[:12])
-                out.append(
-                    f"{at}.feature={s.feature!r} is not a feature of ModelVersion "
-                    f"{baseline.version} (features: {known})"
-                )
+                why = f"{at}.feature={s.feature!r} is not a feature of ModelVersion {v}"
+                out.append((reasons.INVALID_SPEC, f"{why} (features: {known})"))
             elif s.type == "wasserstein" and any(
                 len(r.gaps) != r.placed - 1 for r in _chosen(s, baseline).values()
             ):
-                out.append(f"{at}.type=wasserstein needs reference edges on every feature")
+                why = f"{at}.type=wasserstein needs reference edges on every feature"
+                out.append((reasons.NO_REFERENCE, why))
         elif s.type == "prediction" and baseline.prediction is None:
-            out.append(
-                f"{at}.type=prediction: ModelVersion {baseline.version} has no "
-                "predictionReference to compare with"
-            )
+            why = f"{at}.type=prediction: ModelVersion {v} has no predictionReference"
+            out.append((reasons.NO_REFERENCE, f"{why} to compare with"))
         elif s.type in ("accuracy", "f1") and baseline.task != "classification":
-            out.append(f"{at}.type={s.type} needs a classifier; {baseline.version} is a regressor")
+            out.append((reasons.INVALID_SPEC, f"{at}.type={s.type} needs a classifier; {v} is not"))
         elif s.type in ("mae", "rmse") and baseline.task != "regression":
-            out.append(f"{at}.type={s.type} needs a regressor; {baseline.version} is a classifier")
+            out.append((reasons.INVALID_SPEC, f"{at}.type={s.type} needs a regressor; {v} is not"))
         if s.threshold == "auto" and s.type == "accuracy" and "accuracy" not in baseline.metrics:
-            out.append(
-                f"{at}.threshold=auto: ModelVersion {baseline.version} has no evaluated "
-                "accuracy (spec.metrics) to calibrate from"
-            )
+            why = f"{at}.threshold=auto: ModelVersion {v} has no evaluated accuracy"
+            out.append((reasons.INVALID_SPEC, f"{why} (spec.metrics) to calibrate from"))
     return out
 
 

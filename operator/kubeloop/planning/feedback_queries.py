@@ -77,25 +77,12 @@ def absolute_error_quantile(
 
 def labelled_rows(namespace: str, model: str, version: str, window: str) -> str:
     """Labels joined to their prediction in the window: the sample size of every measure."""
-    matched = _increase(
-        metrics.total(metrics.FEEDBACK_LABELS),
-        model,
-        version,
-        window,
-        f'{metrics.OUTCOME_LABEL}="matched"',
-    )
-    return _scoped(namespace, f"sum({matched})")
+    return _scoped(namespace, f"sum({_labels(model, version, window, '=')})")
 
 
 def label_coverage(namespace: str, model: str, version: str, window: str) -> str:
     """Labels joined per prediction made in the window (0..1, lagging by the label delay)."""
-    matched = _increase(
-        metrics.total(metrics.FEEDBACK_LABELS),
-        model,
-        version,
-        window,
-        f'{metrics.OUTCOME_LABEL}="matched"',
-    )
+    matched = _labels(model, version, window, "=")
     predictions = _increase(metrics.total(metrics.FEEDBACK_PREDICTIONS), model, version, window)
     return _scoped(namespace, f"sum({matched}) / sum({predictions})")
 
@@ -103,13 +90,7 @@ def label_coverage(namespace: str, model: str, version: str, window: str) -> str
 def unmatched_labels(namespace: str, model: str, version: str, window: str) -> str:
     """Labels not joined in the window, by ``outcome`` (duplicate, conflict, late, unknown,
     invalid): a vector."""
-    other = _increase(
-        metrics.total(metrics.FEEDBACK_LABELS),
-        model,
-        version,
-        window,
-        f'{metrics.OUTCOME_LABEL}!="matched"',
-    )
+    other = _labels(model, version, window, "!=")
     return _scoped(namespace, f"sum by ({metrics.OUTCOME_LABEL}) ({other})")
 
 
@@ -213,6 +194,12 @@ def _histogram_quantile(
     _check_quantile(quantile)
     buckets = _increase(f"{base}_bucket", model, version, window)
     return _scoped(namespace, f"histogram_quantile({quantile!r}, sum by (le) ({buckets}))")
+
+
+def _labels(model: str, version: str, window: str, op: str) -> str:
+    """Fed-back labels in the window whose outcome is (``=``) or is not (``!=``) matched."""
+    outcome = f'{metrics.OUTCOME_LABEL}{op}"matched"'
+    return _increase(metrics.total(metrics.FEEDBACK_LABELS), model, version, window, outcome)
 
 
 def _increase(series: str, model: str, version: str, window: str, *matchers: str) -> str:
