@@ -18,6 +18,7 @@ payments, the rollout history and the time of each stage. The resources stay in 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -78,6 +79,9 @@ def start_operator(
         "KUBELOOP_SCRAPE_TARGETS_DIR": str(prom.targets_dir),
         "KUBELOOP_STATE_DIR": str(cluster.state_dir / "operator-state"),
         "KUBELOOP_EXECUTOR": "local",
+        # The admission webhook, registered with the API server for the demo's namespace.
+        "KUBELOOP_WEBHOOK_PORT": str(cluster_mod._free_port()),
+        "KUBELOOP_WEBHOOK_REGISTER": "true",
     }
     with (cluster.state_dir / "operator-demo.log").open("ab") as log:
         return subprocess.Popen(
@@ -214,12 +218,48 @@ def _num(value: Any) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def door(env: Env, console: Console, docs: dict[str, dict[str, Any]]) -> None:
+    """A tenant reaching for another tenant's data and metrics is refused at apply."""
+    console.rule("0. the door: what the admission webhook refuses")
+    training = copy.deepcopy(docs["training"])
+    training["metadata"]["name"] = "payments-stolen"
+    training["spec"]["data"]["uri"] = f"file://{ARTIFACTS}/other-team/payments.csv"
+    policy = copy.deepcopy(docs["policy"])
+    policy["metadata"]["name"] = "peek"
+    policy["spec"]["signals"] = [
+        {
+            "name": "theirs",
+            "type": "promql",
+            "query": 'sum(kubeloop_requests_total{namespace="other-team"})',
+            "threshold": 1,
+        }
+    ]
+
+    def probe() -> str:
+        """The webhook answers once the operator's server is up and registered; a run taken
+        before that is deleted again (the operator would refuse it as a condition)."""
+        why = env.k.refusal(training)
+        if not why:
+            env.k.run("delete", "tr", "payments-stolen", "--ignore-not-found")
+        return why if "denied the request" in why else ""
+
+    refused = loop.wait(probe, within=60, what="the admission webhook")
+    for what, message in (
+        ("another team's data", refused),
+        ("another team's metrics", env.k.refusal(policy)),
+    ):
+        if "denied the request" not in message:
+            raise SystemExit(f"{what} was not refused at apply: {message!r}")
+        console.print(f"{what}: refused: {message[:240]}")
+
+
 def story(env: Env, console: Console) -> dict[str, float]:
     """The loop; returns the stage times (seconds)."""
     k, clock = env.k, loop.Clock()
     data_uri = loop.write_training_data(ARTIFACTS, NAMESPACE)
     held_out = demo_data.generate("after", 2000, seed=99)
     docs = loop.manifests(data_uri)
+    door(env, console, docs)
     console.rule("1. train: TrainingRun payments")
     console.print(f"{loop.TRAIN_ROWS} payments before the shift at {data_uri}")
     with progress(console) as bar:

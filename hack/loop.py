@@ -222,6 +222,14 @@ class Kubectl:
     def apply(self, doc: dict[str, Any]) -> None:
         self.run("apply", "-f", "-", stdin=json.dumps(doc))
 
+    def refusal(self, doc: dict[str, Any]) -> str:
+        """What the API server answers when it refuses ``doc`` ('' if it took it)."""
+        try:
+            self.apply(doc)
+        except RuntimeError as exc:
+            return str(exc).split(": ", 1)[-1]
+        return ""
+
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
         out = self.run("get", kind, name, "-o", "json", check=False)
         return json.loads(out) if out.strip() else None

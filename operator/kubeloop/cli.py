@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +22,9 @@ def _run_operator(args: argparse.Namespace) -> int:
 
     cfg = Settings()
     namespaces = args.namespace or cfg.namespaces
+    # The start-up handler reads its settings again: -n must mean there what it means here
+    # (e.g. the namespaces a locally registered webhook is limited to).
+    os.environ["KUBELOOP_NAMESPACES"] = json.dumps(namespaces)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -40,6 +40,32 @@ class Settings(BaseSettings):
         description="If set (s3://bucket/prefix/), s3:// and gs:// artifacts must "
         "lie under <prefix><namespace>/.",
     )
+    data_allowlist: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="More prefixes a namespace's training data may come from, as JSON "
+        '{"<namespace>": ["s3://shared/datasets/"], "*": [...]} ("*": every namespace); '
+        "each namespace always reads its own artifact and object-store prefix.",
+    )
+    webhook_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the validating admission webhook (HTTPS); 0 serves none.",
+    )
+    webhook_addr: str = Field(default="0.0.0.0", description="Address the webhook listens on.")
+    webhook_cert_dir: Path | None = Field(
+        default=None,
+        description="Directory with tls.crt, tls.key and ca.crt (the chart mounts its Secret); "
+        "unset: a self-signed CA and certificate for 127.0.0.1 under <stateDir>/webhook.",
+    )
+    webhook_register: bool = Field(
+        default=False,
+        description="Register the webhook's ValidatingWebhookConfiguration at start-up, with a "
+        "URL to this process (the local control plane; the chart ships its own).",
+    )
+    webhook_failure_policy: Literal["Fail", "Ignore"] = Field(
+        default="Fail", description="failurePolicy of a registered webhook."
+    )
     verify_local_artifacts: bool = Field(
         default=True,
         description="Check that file:// artifacts exist and match their digest "

@@ -57,6 +57,15 @@ RETRY_BACKOFF_FACTOR = 2.0
 RETRY_BACKOFF_MAX = "3600s"
 GATES_CONDITION = "gates-passed"
 GATES_OUTPUT = "Output"  # evaluate's bool return value: gates_passed (see components.py)
+# data.credentialsSecret in the ingest step's pod: the files here, these keys as variables.
+CREDENTIALS_MOUNT = "/var/run/secrets/kubeloop/data"
+AWS_CREDENTIAL_KEYS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+)
 
 # KFP builds a pipeline inside a process-global context (the "default pipeline"), so two
 # compilations in two threads (asyncio.to_thread in the operator) would mix their tasks.
@@ -148,6 +157,24 @@ def _configure(task: Any, step: str, spec: TrainingRunSpec, kueue_queue: str) ->
     return task
 
 
+def _with_credentials(task: Any, spec: TrainingRunSpec) -> Any:
+    """The ingest step (the only one that reads the data URIs) gets ``data.credentialsSecret``
+    of the run's own namespace: mounted at ``CREDENTIALS_MOUNT``, its AWS_* keys as environment
+    variables (each optional), and for gs:// data ``key.json`` as the Google credentials."""
+    secret = spec.data.credentials_secret
+    if not secret:
+        return task
+    kfp_kubernetes.use_secret_as_volume(task, secret_name=secret, mount_path=CREDENTIALS_MOUNT)
+    keys = {key: key for key in AWS_CREDENTIAL_KEYS}
+    kfp_kubernetes.use_secret_as_env(
+        task, secret_name=secret, secret_key_to_env=keys, optional=True
+    )
+    uris = [spec.data.uri, *(e.uri for e in spec.data.extra)]
+    if any(u.startswith("gs://") for u in uris):
+        task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{CREDENTIALS_MOUNT}/key.json")
+    return task
+
+
 def _quantity(setter: Callable[[str], Any], value: str, field: str, accepted: str) -> None:
     try:
         setter(value)
@@ -171,7 +198,7 @@ def build_pipeline(
 
     def training_pipeline(run_uri: str, spec_json: str = spec_default) -> None:
         common = {"spec_json": spec_json, "run_uri": run_uri}
-        ingest = task("ingest", c.ingest(**common))
+        ingest = _with_credentials(task("ingest", c.ingest(**common)), spec)
         prepared = task(
             "preprocess", c.preprocess(**common, raw=ingest.outputs["dataset"])
         ).outputs["prepared"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -11,8 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
+from kubeloop.planning import webhook
 from tests.conftest import ROOT
 from tests.integration.conftest import LocalCluster
+from tests.unit.test_rbac_usage import CLUSTER_SCOPED, describe, expand, used_permissions
 
 CHART = ROOT / "charts" / "kubeloop"
 SNAPSHOT = ROOT / "tests" / "snapshots" / "chart-default.yaml"
@@ -55,15 +59,25 @@ def test_lint_is_clean(cluster: LocalCluster) -> None:
     assert "0 chart(s) failed" in out.stdout
 
 
+# The webhook's CA and certificate are generated anew on every render (genCA): the snapshot
+# holds a placeholder for them, and test_webhook_certificate_is_valid checks the real ones.
+_GENERATED = re.compile(r"^(\s*(?:tls\.crt|tls\.key|ca\.crt|caBundle):) \S+$", re.MULTILINE)
+
+
+def mask_generated(text: str) -> str:
+    return _GENERATED.sub(r"\1 <generated>", text)
+
+
 def test_default_render_matches_snapshot(cluster: LocalCluster) -> None:
     """Everything but the CRDs (those are golden-checked by `make crds-check`)."""
     args = ("template", "kubeloop", str(CHART), "--kube-version", "1.35.4")
     rendered = helm(cluster, *args, "-n", "kubeloop-system", "--set", "crds.enabled=false")
+    masked = mask_generated(rendered.stdout)
     if os.environ.get("UPDATE_SNAPSHOTS"):
         SNAPSHOT.parent.mkdir(exist_ok=True)
-        SNAPSHOT.write_text(rendered.stdout)
+        SNAPSHOT.write_text(masked)
     assert SNAPSHOT.exists(), "no snapshot yet: run UPDATE_SNAPSHOTS=1 make test"
-    assert rendered.stdout == SNAPSHOT.read_text(), "run UPDATE_SNAPSHOTS=1 make test to accept"
+    assert masked == SNAPSHOT.read_text(), "run UPDATE_SNAPSHOTS=1 make test to accept"
 
 
 def test_a_typo_in_values_fails_the_install(cluster: LocalCluster) -> None:
@@ -88,9 +102,12 @@ def test_rbac_is_least_privilege(cluster: LocalCluster) -> None:
     roles = [d for d in docs if d["kind"] == "ClusterRole"]
     assert {r["metadata"]["name"] for r in roles} == {
         "kubeloop-operator",
+        "kubeloop-operator-cluster",
         "kubeloop-view",
         "kubeloop-edit",
     }
+    namespaced = render(cluster, "--set", "operator.watchNamespaces={team-a}")
+    roles += [d for d in namespaced if d["kind"] in ("ClusterRole", "Role")]
     for role in roles:
         for rule in role["rules"]:
             assert "*" not in rule["verbs"], rule
@@ -98,6 +115,142 @@ def test_rbac_is_least_privilege(cluster: LocalCluster) -> None:
             assert "secrets" not in rule["resources"], rule
             if "customresourcedefinitions" in rule["resources"]:
                 assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+
+
+def _operator_grants(docs: list[dict[str, Any]]) -> dict[str, set[tuple[str, str, str]]]:
+    """The operator ServiceAccount's grants, by scope: "cluster" (ClusterRoles it is bound to
+    cluster-wide) and each namespace it has a RoleBinding in."""
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs}
+    grants: dict[str, set[tuple[str, str, str]]] = {}
+    for binding in [d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")]:
+        if not any(s.get("kind") == "ServiceAccount" for s in binding["subjects"]):
+            continue
+        ref = binding["roleRef"]
+        ns = binding["metadata"].get("namespace")
+        role = roles[(ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"])]
+        scope = "cluster" if binding["kind"] == "ClusterRoleBinding" else ns
+        grants.setdefault(scope, set()).update(expand(role["rules"]))
+    return grants
+
+
+@pytest.mark.parametrize("namespaced", [False, True], ids=["cluster-wide", "namespaced"])
+def test_operator_rbac_is_exactly_what_the_code_calls(
+    cluster: LocalCluster, namespaced: bool
+) -> None:
+    """The operator's roles grant what the code and kopf call (tests/unit/test_rbac_usage.py
+    derives it), nothing more and nothing less; namespaced, every namespaced right is in a
+    Role in each watched namespace and only cluster-scoped reads are cluster-wide."""
+    args = ("--set", "operator.watchNamespaces={team-a,team-b}") if namespaced else ()
+    grants = _operator_grants(render(cluster, *args))
+    used = used_permissions(namespaced=namespaced)
+    granted = set().union(*grants.values())
+    assert granted == used, (
+        f"granted, never called:\n{describe(granted - used)}\n"
+        f"called, not granted:\n{describe(used - granted)}"
+    )
+    if namespaced:
+        assert set(grants) == {"cluster", "team-a", "team-b"}
+        assert {r for _, r, _ in grants["cluster"]} <= CLUSTER_SCOPED, describe(grants["cluster"])
+        in_namespace = {p for p in used if p[1] not in CLUSTER_SCOPED}
+        assert grants["team-a"] == grants["team-b"] == in_namespace
+    else:
+        assert set(grants) == {"cluster"}
+
+
+def _webhook_docs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        d["kind"]: d
+        for d in docs
+        if d["kind"] == "ValidatingWebhookConfiguration"
+        or d["metadata"]["name"] in ("kubeloop-webhook", "kubeloop-webhook-cert")
+    }
+
+
+def test_webhook_pieces(cluster: LocalCluster) -> None:
+    docs = render(cluster, "--set", "operator.watchNamespaces={team-b,team-a}")
+    pieces = _webhook_docs(docs)
+    secret, service, config = (
+        pieces["Secret"],
+        pieces["Service"],
+        pieces["ValidatingWebhookConfiguration"],
+    )
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    assert service["spec"]["ports"] == [{"name": "webhook", "port": 443, "targetPort": "webhook"}]
+    # The same webhooks the operator registers itself on the local control plane, but reached
+    # through the chart's Service and with the chart's CA.
+    local = webhook.configuration(
+        "kubeloop", url="https://x", ca_bundle="", namespaces=["team-a", "team-b"]
+    )
+    for ours, theirs in zip(config["webhooks"], local["webhooks"], strict=True):
+        path = "/" + ours["name"].removesuffix(".kubeloop.dev")
+        assert ours.pop("clientConfig") == {
+            "service": {
+                "name": "kubeloop-webhook",
+                "namespace": "kubeloop-system",
+                "port": 443,
+                "path": path,
+            },
+            "caBundle": secret["data"]["ca.crt"],
+        }
+        theirs.pop("clientConfig")
+        ours["namespaceSelector"]["matchExpressions"][0]["values"].sort()
+        assert ours == theirs
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBELOOP_WEBHOOK_PORT"] == "9443"
+    assert env["KUBELOOP_WEBHOOK_CERT_DIR"] == "/etc/kubeloop/webhook"
+    assert "KUBELOOP_WEBHOOK_REGISTER" not in env  # the chart ships the configuration
+    assert {"name": "webhook", "containerPort": 9443} in container["ports"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "webhook-cert")
+    assert mount == {"name": "webhook-cert", "mountPath": "/etc/kubeloop/webhook", "readOnly": True}
+    volume = next(v for v in pod["volumes"] if v["name"] == "webhook-cert")
+    assert volume["secret"]["secretName"] == "kubeloop-webhook-cert"
+
+    # Cluster-wide: no namespace selector; the policy and timeout follow the values.
+    config = _webhook_docs(
+        render(
+            cluster, "--set", "webhook.failurePolicy=Ignore", "--set", "webhook.timeoutSeconds=5"
+        )
+    )["ValidatingWebhookConfiguration"]
+    assert all("namespaceSelector" not in w for w in config["webhooks"])
+    assert {(w["failurePolicy"], w["timeoutSeconds"]) for w in config["webhooks"]} == {
+        ("Ignore", 5)
+    }
+    off = render(cluster, "--set", "webhook.enabled=false")
+    assert not _webhook_docs(off)
+    container = next(d for d in off if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert not [e for e in container["env"] if e["name"].startswith("KUBELOOP_WEBHOOK")]
+
+
+def test_webhook_certificate_is_valid(cluster: LocalCluster, tmp_path: Path) -> None:
+    """The generated certificate is signed by the CA in the bundle, for the Service's name."""
+    pieces = _webhook_docs(render(cluster))
+    data = pieces["Secret"]["data"]
+    for key in ("tls.crt", "ca.crt"):
+        (tmp_path / key).write_bytes(base64.b64decode(data[key]))
+    assert (
+        pieces["ValidatingWebhookConfiguration"]["webhooks"][0]["clientConfig"]["caBundle"]
+        == data["ca.crt"]
+    )
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "tls.crt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stderr
+    text = subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(tmp_path / "tls.crt")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "DNS:kubeloop-webhook.kubeloop-system.svc" in text
+    assert "DNS:kubeloop-webhook.kubeloop-system.svc.cluster.local" in text
 
 
 def test_pod_is_restricted_and_crds_are_kept(cluster: LocalCluster) -> None:
@@ -157,8 +310,9 @@ def test_install_into_the_api_server(crds: LocalCluster, tmp_path: Path) -> None
     cluster.kubectl(
         "label", "--overwrite", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted"
     )
-    out = helm(
-        cluster,
+    # Namespaced mode puts a Role in each watched namespace: they must exist first.
+    cluster.kubectl("create", "namespace", "team-a", check=False)
+    install = (
         "upgrade",
         "--install",
         "kubeloop",
@@ -171,8 +325,29 @@ def test_install_into_the_api_server(crds: LocalCluster, tmp_path: Path) -> None
         "operator.watchNamespaces={team-a}",
         "--wait=false",
     )
+    out = helm(cluster, *install)
     assert "STATUS: deployed" in out.stdout
     assert "kubectl create rolebinding kubeloop-edit" in out.stdout  # NOTES.txt
+
+    # An upgrade keeps the webhook's CA (lookup), so the caBundle still matches the mounted cert.
+    def ca_bundle() -> tuple[str, str]:
+        secret = cluster.kubectl(
+            "get", "secret", "-n", ns, "kubeloop-webhook-cert", "-o", "jsonpath={.data.ca\\.crt}"
+        ).stdout
+        bundle = cluster.kubectl(
+            "get",
+            "validatingwebhookconfiguration",
+            "kubeloop",
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ).stdout
+        return secret, bundle
+
+    before = ca_bundle()
+    assert before[0]
+    assert before[0] == before[1]
+    helm(cluster, *install)
+    assert ca_bundle() == before
 
     def pod_created() -> str:
         return cluster.kubectl("get", "pods", "-n", ns, "-o", "name").stdout.strip()
@@ -184,14 +359,14 @@ def test_install_into_the_api_server(crds: LocalCluster, tmp_path: Path) -> None
         res = cluster.kubectl("auth", "can-i", verb, resource, f"--as={who}", *extra, check=False)
         return res.stdout.strip() == "yes"
 
-    assert can("watch", "modelversions.kubeloop.dev", "-A")
+    assert can("watch", "modelversions.kubeloop.dev", "-n", "team-a")
+    assert not can("watch", "modelversions.kubeloop.dev", "-A")  # namespaced mode
     assert can("patch", "modelversions.kubeloop.dev/status", "-n", "team-a")
     assert not can("get", "secrets", "-A")
     assert not can("create", "customresourcedefinitions.apiextensions.k8s.io")
     assert not can("delete", "customresourcedefinitions.apiextensions.k8s.io")
 
     # A tenant bound to the built-in edit role gets kubeloop rights through aggregation.
-    cluster.kubectl("create", "namespace", "team-a", check=False)
     cluster.kubectl(
         "create",
         "rolebinding",

@@ -224,7 +224,11 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
         with_(with_(DP, "spec.interval", "5m"), "spec.window", "1m"),
         ("spec.window", "window must be at least interval"),
     ),
-    ("dp-zero-interval", with_(DP, "spec.interval", "0s"), ("spec.interval", "longer than 0s")),
+    (
+        "dp-zero-interval",
+        with_(DP, "spec.interval", "0s"),
+        ("spec.interval", "must be at least 1s, not 0s"),
+    ),
     (
         "dp-feature-on-accuracy",
         with_(
@@ -264,6 +268,256 @@ BAD: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ),
 ]
 
+# Bounds, durations, label syntax, cron, type confusion: the pydantic models refuse each of
+# these too (tests/unit/test_api_models.py), so the CRD and the models agree.
+BOUNDS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
+    (
+        "tr-node-selector-bad-key",
+        with_(TR, "spec.resources", {"nodeSelector": {"bad key!": "x"}}),
+        ("spec.resources.nodeSelector", "key bad key! is not a label key"),
+    ),
+    (
+        "tr-node-selector-64-char-name",
+        with_(TR, "spec.resources", {"nodeSelector": {"x" * 64: "y"}}),
+        ("spec.resources.nodeSelector", "is not a label key"),
+    ),
+    (
+        "tr-node-selector-254-char-prefix",
+        with_(TR, "spec.resources", {"nodeSelector": {"a" * 254 + "/zone": "y"}}),
+        ("spec.resources.nodeSelector", "is not a label key"),
+    ),
+    (
+        "tr-node-selector-bad-value",
+        with_(TR, "spec.resources", {"nodeSelector": {"zone": "not a value!"}}),
+        ("spec.resources.nodeSelector.zone", "should match"),
+    ),
+    (
+        "tr-node-selector-64-char-value",
+        with_(TR, "spec.resources", {"nodeSelector": {"zone": "v" * 64}}),
+        ("spec.resources.nodeSelector.zone", "Too long"),
+    ),
+    (
+        "tr-node-selector-list",
+        with_(TR, "spec.resources", {"nodeSelector": ["zone=a"]}),
+        ("spec.resources.nodeSelector", "must be of type object"),
+    ),
+    (
+        "serving-node-selector-bad-key",
+        with_(MD, "spec.serving", {"resources": {"nodeSelector": {"-zone": "a"}}}),
+        ("spec.serving.resources.nodeSelector", "key -zone is not a label key"),
+    ),
+    (
+        "tr-toleration-bad-key",
+        with_(TR, "spec.resources", {"tolerations": [{"key": "bad key!", "operator": "Exists"}]}),
+        ("spec.resources.tolerations[0].key", "is not a label key"),
+    ),
+    (
+        "tr-toleration-64-char-value",
+        with_(TR, "spec.resources", {"tolerations": [{"key": "team", "value": "v" * 64}]}),
+        ("spec.resources.tolerations[0].value", "Too long"),
+    ),
+    (
+        "tr-cron-words",
+        with_(TR, "spec.schedule", "every minute"),
+        ("spec.schedule", "every minute is not a cron schedule"),
+    ),
+    (
+        "tr-cron-six-fields",
+        with_(TR, "spec.schedule", "0 0 3 * * *"),
+        ("spec.schedule", "is not a cron schedule"),
+    ),
+    (
+        "tr-cron-unknown-macro",
+        with_(TR, "spec.schedule", "@reboot"),
+        ("spec.schedule", "@reboot is not a cron schedule"),
+    ),
+    (
+        "tr-credentials-secret-bad-name",
+        with_(TR, "spec.data.credentialsSecret", "Bad_Name"),
+        ("spec.data.credentialsSecret", "should match"),
+    ),
+    (
+        "tr-credentials-secret-254-chars",
+        with_(TR, "spec.data.credentialsSecret", "s" * 254),
+        ("spec.data.credentialsSecret", "Too long"),
+    ),
+    (
+        "tr-credentials-secret-object",
+        with_(TR, "spec.data.credentialsSecret", {"name": "creds", "namespace": "other"}),
+        # the old {name: ...} shape: strict decoding refuses it before the schema does
+        ('unknown field "spec.data.credentialsSecret.name"',),
+    ),
+    ("tr-zero-timeout", with_(TR, "spec.timeout", "0s"), ("spec.timeout", "at least 1s")),
+    (
+        "tr-accuracy-gate-over-1",
+        with_(TR, "spec.evaluation", {"gates": [{"metric": "accuracy", "value": 1.5}]}),
+        (
+            "spec.evaluation.gates[0].value",
+            "accuracy is a fraction: a gate on it needs a value in 0..1",
+        ),
+    ),
+    (
+        "tr-negative-rmse-gate",
+        with_(TR, "spec.evaluation", {"gates": [{"metric": "rmse", "op": "<", "value": -1}]}),
+        ("spec.evaluation.gates[0].value", "rmse is never negative"),
+    ),
+    (
+        "tr-r2-gate-over-1",
+        with_(TR, "spec.evaluation", {"gates": [{"metric": "r2", "value": 1.2}]}),
+        ("spec.evaluation.gates[0].value", "r2 is at most 1"),
+    ),
+    (
+        "tr-gate-value-string",
+        with_(TR, "spec.evaluation", {"gates": [{"metric": "f1", "value": "high"}]}),
+        ("spec.evaluation.gates[0].value", "must be of type number"),
+    ),
+    (
+        "tr-gate-value-oversized",
+        with_(TR, "spec.evaluation", {"gates": [{"metric": "size_mb", "value": 1e10}]}),
+        ("spec.evaluation.gates[0].value", "less than or equal to 1e+09"),
+    ),
+    (
+        "tr-zero-width-layer",
+        with_(TR, "spec.model", {"hiddenLayers": [64, 0]}),
+        ("spec.model.hiddenLayers[1]", "greater than or equal to 1"),
+    ),
+    (
+        "tr-oversized-min-delta",
+        with_(TR, "spec.model", {"earlyStopping": {"minDelta": 1e7}}),
+        ("spec.model.earlyStopping.minDelta", "less than or equal to"),
+    ),
+    (
+        "md-zero-interval",
+        with_(MD, "spec.rollout", {"interval": "0s"}),
+        ("spec.rollout.interval", "must be at least 1s, not 0s"),
+    ),
+    (
+        "md-500ms-interval",
+        with_(MD, "spec.rollout", {"interval": "500ms"}),
+        ("spec.rollout.interval", "must be at least 1s, not 500ms"),
+    ),
+    (
+        "md-zero-max-duration",
+        with_(MD, "spec.rollout", {"maxDuration": "0s"}),
+        ("spec.rollout.maxDuration", "at least 1s"),
+    ),
+    (
+        "md-sub-second-flush-interval",
+        with_(MD, "spec.serving", {"monitoring": {"requestLog": {"flushInterval": "999ms"}}}),
+        ("spec.serving.monitoring.requestLog.flushInterval", "at least 1s"),
+    ),
+    (
+        "md-zero-feedback-ttl",
+        with_(MD, "spec.serving", {"monitoring": {"feedbackTtl": "0s"}}),
+        ("spec.serving.monitoring.feedbackTtl", "at least 1s"),
+    ),
+    (
+        "md-error-rate-string",
+        with_(MD, "spec.rollout", {"analysis": {"maxErrorRate": "1%"}}),
+        ("spec.rollout.analysis.maxErrorRate", "must be of type number"),
+    ),
+    (
+        "md-error-rate-over-1",
+        with_(MD, "spec.rollout", {"analysis": {"maxErrorRate": 1.5}}),
+        ("spec.rollout.analysis.maxErrorRate", "less than or equal to 1"),
+    ),
+    (
+        "md-zero-labelled-rows",
+        with_(MD, "spec.rollout", {"analysis": {"minLabelledRows": 0}}),
+        ("spec.rollout.analysis.minLabelledRows", "greater than or equal to 1"),
+    ),
+    (
+        "md-oversized-metric-bound",
+        with_(
+            MD,
+            "spec.rollout",
+            {"analysis": {"metrics": [{"name": "mem", "query": "up", "max": 1e16}]}},
+        ),
+        ("spec.rollout.analysis.metrics[0].max", "less than or equal to 1e+15"),
+    ),
+    (
+        "dp-threshold-AUTO",
+        with_(DP, "spec.signals", [{"name": "p", "type": "prediction", "threshold": "AUTO"}]),
+        ("spec.signals[0].threshold", "should match '^auto$'"),
+    ),
+    (
+        "dp-negative-threshold",
+        with_(DP, "spec.signals", [{"name": "p", "type": "prediction", "threshold": -0.1}]),
+        ("spec.signals[0].threshold", "greater than or equal to 0"),
+    ),
+    (
+        "dp-accuracy-threshold-over-1",
+        with_(DP, "spec.signals", [{"name": "a", "type": "accuracy", "threshold": 1.5}]),
+        ("spec.signals[0].threshold", "less than or equal to 1"),
+    ),
+    (
+        "dp-f1-threshold-over-1",
+        with_(DP, "spec.signals", [{"name": "f", "type": "f1", "threshold": 2}]),
+        ("spec.signals[0].threshold", "less than or equal to 1"),
+    ),
+    (
+        "dp-oversized-threshold",
+        with_(
+            DP, "spec.signals", [{"name": "q", "type": "promql", "query": "up", "threshold": 1e16}]
+        ),
+        ("spec.signals[0].threshold", "less than or equal to 1e+15"),
+    ),
+    (
+        "dp-threshold-list",
+        with_(DP, "spec.signals", [{"name": "p", "type": "prediction", "threshold": [0.2]}]),
+        ("spec.signals[0].threshold", "must have at most 0 items"),
+    ),
+    (
+        "dp-threshold-map",
+        with_(DP, "spec.signals", [{"name": "p", "type": "prediction", "threshold": {"v": 1}}]),
+        ("spec.signals[0].threshold",),
+    ),
+    (
+        "dp-threshold-boolean",
+        with_(DP, "spec.signals", [{"name": "p", "type": "prediction", "threshold": True}]),
+        ('"spec.signals[0].threshold" must not validate the schema (not)',),
+    ),
+    (
+        "dp-threshold-numeric-string",
+        with_(DP, "spec.signals", [{"name": "p", "type": "prediction", "threshold": "0.2"}]),
+        ("spec.signals[0].threshold", "should match '^auto$'"),
+    ),
+    (
+        "dp-500ms-interval",
+        with_(DP, "spec.interval", "500ms"),
+        ("spec.interval", "must be at least 1s, not 500ms"),
+    ),
+    (
+        "dp-zero-cooldown",
+        with_(DP, "spec.action", {"cooldown": "0s"}),
+        ("spec.action.cooldown", "at least 1s"),
+    ),
+    (
+        "dp-false-alarm-rate-over-limit",
+        with_(
+            DP,
+            "spec.signals",
+            [{"name": "p", "type": "prediction", "threshold": "auto", "falseAlarmRate": 0.5}],
+        ),
+        ("spec.signals[0].falseAlarmRate", "less than or equal to 0.2"),
+    ),
+    (
+        "dp-zero-min-count",
+        with_(
+            DP,
+            "spec.signals",
+            [{"name": "p", "type": "prediction", "threshold": 0.1, "minCount": 0}],
+        ),
+        ("spec.signals[0].minCount", "greater than or equal to 1"),
+    ),
+    (
+        "mv-fraction-over-1",
+        with_(MV, "spec.predictionReference", {"edges": [0, 1], "fractions": [1.5, 0]}),
+        ("spec.predictionReference.fractions[0]", "less than or equal to 1"),
+    ),
+]
+BAD += BOUNDS
+
 
 @pytest.mark.parametrize(
     ("obj", "expected"), [(o, e) for _, o, e in BAD], ids=[i for i, _, _ in BAD]
@@ -281,6 +535,77 @@ async def test_bad_resource_is_rejected_by_the_api_server(
     assert info.value.status in (400, 422), info.value
     for text in expected:
         assert text in info.value.message, info.value.message
+
+
+# Values at the edge of each new bound, which the API server must still accept.
+GOOD: list[tuple[str, dict[str, Any]]] = [
+    (
+        "cron-names-and-steps",
+        with_(TR, "spec.schedule", "*/15 8-18 * jan-jun MON-FRI"),
+    ),
+    ("cron-nth-weekday", with_(TR, "spec.schedule", "0 3 ? * 5#3")),
+    ("cron-tab-separated", with_(TR, "spec.schedule", "0\t3 * * *")),
+    ("cron-macro", with_(TR, "spec.schedule", "@midnight")),
+    (
+        "label-keys-at-their-limits",
+        with_(
+            TR,
+            "spec.resources",
+            {
+                "nodeSelector": {
+                    "a" * 253 + "/" + "n" * 63: "v" * 63,
+                    "kubernetes.io/arch": "amd64",
+                    "Zone_1.a": "",
+                },
+                "tolerations": [{"operator": "Exists"}, {"key": "nvidia.com/gpu", "value": "x"}],
+            },
+        ),
+    ),
+    ("credentials-secret", with_(TR, "spec.data.credentialsSecret", "s3.creds-1")),
+    (
+        "gates-at-their-limits",
+        with_(
+            TR,
+            "spec.evaluation",
+            {
+                "gates": [
+                    {"metric": "accuracy", "value": 1},
+                    {"metric": "f1", "value": 0},
+                    {"metric": "r2", "value": -3.5},
+                    {"metric": "latency_ms", "op": "<", "value": 0},
+                ]
+            },
+        ),
+    ),
+    ("timeout-1s", with_(TR, "spec.timeout", "1s")),
+    ("rollout-interval-1.5s", with_(MD, "spec.rollout", {"interval": "1.5s"})),
+    (
+        "thresholds-at-their-limits",
+        with_(
+            DP,
+            "spec.signals",
+            [
+                {"name": "a", "type": "accuracy", "threshold": 1},
+                {"name": "b", "type": "f1", "threshold": 0},
+                {"name": "c", "type": "psi", "feature": "*", "threshold": 3.5},
+                {"name": "d", "type": "promql", "query": "up", "threshold": 1e15},
+                {"name": "e", "type": "accuracy", "threshold": "auto"},
+            ],
+        ),
+    ),
+    ("for-0s-acts-at-once", with_(DP, "spec.for", "0s")),
+    ("interval-1s", with_(with_(DP, "spec.interval", "1s"), "spec.window", "1s")),
+]
+
+
+@pytest.mark.parametrize("obj", [o for _, o in GOOD], ids=[i for i, _ in GOOD])
+async def test_values_at_the_bounds_are_accepted(
+    kube: KubeClient, namespace: str, obj: dict[str, Any]
+) -> None:
+    out = await kube.request(
+        "POST", KINDS[obj["kind"]].path(namespace), body=obj, params={"fieldValidation": "Strict"}
+    )
+    assert out["metadata"]["name"] == obj["metadata"]["name"]
 
 
 async def test_examples_are_accepted(kube: KubeClient, namespace: str) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from kubeloop.api import KINDS, ModelDeployment, ModelVersion, TrainingRun
 from tests.conftest import load_examples
+from tests.integration.test_validation import BOUNDS, GOOD
 
 BY_KIND = {k.crd.kind: k for k in KINDS}
 
@@ -81,3 +82,31 @@ def test_defaults_are_filled() -> None:
     assert run.spec.data.split.seed == 42
     assert run.spec.registration.alias == "candidate"
     assert run.status.phase == ""
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    """pydantic's ('spec', 'signals', 0, 'threshold') → spec.signals[0].threshold."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out.lstrip(".")
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"), [(d, e) for _, d, e in BOUNDS], ids=[i for i, _, _ in BOUNDS]
+)
+def test_what_the_api_server_refuses_the_model_refuses(
+    doc: dict[str, object], expected: tuple[str, ...]
+) -> None:
+    with pytest.raises(pydantic.ValidationError) as info:
+        BY_KIND[str(doc["kind"])].model_validate(doc)
+    field = expected[0]
+    if field.startswith("spec."):
+        # The model names the same field (a model-level rule names the object holding it).
+        paths = [_path(e["loc"]) for e in info.value.errors()]
+        assert any(field.startswith(p) or p.startswith(field) for p in paths), paths
+
+
+@pytest.mark.parametrize("doc", [d for _, d in GOOD], ids=[i for i, _ in GOOD])
+def test_what_the_api_server_accepts_the_model_accepts(doc: dict[str, object]) -> None:
+    BY_KIND[str(doc["kind"])].model_validate(doc)

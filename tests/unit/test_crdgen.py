@@ -9,6 +9,7 @@ import pytest
 
 from kubeloop.api import KINDS
 from kubeloop.api.crdgen import all_crds, crd_for
+from kubeloop.contract.durations import DURATION_PATTERN
 
 Node = dict[str, Any]
 
@@ -30,25 +31,48 @@ def schema(request: pytest.FixtureRequest) -> Node:
     return root
 
 
+# What a branch of anyOf/allOf/oneOf/not may say in a structural schema: value validations
+# only (no type, description, default), over fields the structural part declares.
+VALUE_KEYWORDS = {
+    "properties", "items", "anyOf", "allOf", "oneOf", "not", "enum", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "pattern", "minLength", "maxLength", "minItems",
+    "maxItems", "minProperties", "maxProperties", "multipleOf", "required", "uniqueItems",
+}  # fmt: skip
+# Numeric, string, list and map bounds: OpenAPI applies each by the value's own type, so they
+# may sit on an untyped node (and not-enum, which refuses booleans there).
+UNTYPED_BOUNDS = {
+    "minimum", "maximum", "pattern", "maxLength", "minItems", "maxItems", "minProperties",
+    "maxProperties", "not",
+}  # fmt: skip
+
+
+def _value_only(branch: Node, path: str) -> None:
+    assert set(branch) <= VALUE_KEYWORDS, f"{path}: {set(branch) - VALUE_KEYWORDS}"
+    for sub in branch.get("properties", {}).values():
+        _value_only(sub, path)
+    for key in ("items", "not"):
+        if key in branch:
+            _value_only(branch[key], path)
+    for key in ("anyOf", "allOf", "oneOf"):
+        for sub in branch.get(key, []):
+            _value_only(sub, path)
+
+
 def test_schema_is_structural(schema: Node) -> None:
     for path, node in _walk(schema):
-        for forbidden in (
-            "$ref",
-            "anyOf",
-            "allOf",
-            "oneOf",
-            "title",
-            "patternProperties",
-            "propertyNames",
-            "$defs",
-        ):
+        for forbidden in ("$ref", "title", "patternProperties", "propertyNames", "$defs"):
             assert forbidden not in node, f"{path} has {forbidden}"
+        for combinator in ("anyOf", "allOf", "oneOf"):
+            for branch in node.get(combinator, []):
+                _value_only(branch, f"{path}.{combinator}")
+        if "not" in node:
+            _value_only(node["not"], f"{path}.not")
         if path != ".metadata" and path not in UNTYPED:
             assert "type" in node, f"{path} has no type"
 
 
-# Kept as given by the API server (Kubernetes' schema dialect has no number-or-string type);
-# the operator validates them and refuses with Ready=False.
+# Kept as given by the API server (Kubernetes' schema dialect has no number-or-string type) and
+# held by value validations only (CEL cannot see an untyped field); the model checks the rest.
 UNTYPED = {".spec.signals[].threshold"}
 
 
@@ -56,7 +80,62 @@ def test_untyped_fields_keep_unknown_fields_and_nothing_else_is_untyped(schema: 
     for path, node in _walk(schema):
         if path in UNTYPED:
             assert node.get("x-kubernetes-preserve-unknown-fields") is True, path
-            assert set(node) <= {"description", "x-kubernetes-preserve-unknown-fields"}, node
+            allowed = {"description", "x-kubernetes-preserve-unknown-fields", *UNTYPED_BOUNDS}
+            assert set(node) <= allowed, node
+
+
+def _node(kind: str, *path: str) -> Node:
+    crds = {c["spec"]["names"]["kind"]: c for c in all_crds().values()}
+    node: Node = crds[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for p in path:
+        node = node["properties"][p] if p != "[]" else node["items"]
+    return node
+
+
+def test_threshold_is_number_or_auto_by_value_validations() -> None:
+    threshold = _node("DriftPolicy", "spec", "signals", "[]", "threshold")
+    assert threshold["minimum"] == 0
+    assert threshold["pattern"] == "^auto$"
+    # minItems > maxItems refuses every list; likewise every map.
+    assert threshold["minItems"] > threshold["maxItems"]
+    assert threshold["minProperties"] > threshold["maxProperties"]
+    assert threshold["not"] == {"enum": [True, False]}
+    # A fraction's threshold is at most 1: anyOf(threshold <= 1, type not a fraction).
+    branches = _node("DriftPolicy", "spec", "signals", "[]")["anyOf"]
+    assert branches[0] == {"properties": {"threshold": {"maximum": 1}}}
+    assert set(branches[1]["properties"]["type"]["not"]["enum"]) == {"accuracy", "f1", "js", "ks"}
+
+
+# for: 0s means act on the first breaching evaluation; every other duration is a period or a
+# wait, where 0s (or 500ms) would make the operator spin.
+MAY_BE_ZERO = {("DriftPolicy", ".spec.for")}
+
+
+def test_every_duration_is_at_least_1s_where_0s_means_nothing() -> None:
+    seen = set()
+    for kind in KINDS:
+        root = crd_for(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for path, node in _walk(root):
+            if node.get("pattern") != DURATION_PATTERN:
+                continue
+            seen.add((kind.crd.kind, path))
+            rules = [r["rule"] for r in node.get("x-kubernetes-validations", [])]
+            if (kind.crd.kind, path) in MAY_BE_ZERO:
+                assert "duration(self) >= duration('1s')" not in rules, path
+            else:
+                assert "duration(self) >= duration('1s')" in rules, path
+    assert {("ModelDeployment", ".spec.rollout.interval"), *MAY_BE_ZERO} <= seen
+
+
+def test_label_maps_check_their_keys_with_cel() -> None:
+    for kind, path in (
+        ("TrainingRun", ("spec", "resources", "nodeSelector")),
+        ("ModelDeployment", ("spec", "serving", "resources", "nodeSelector")),
+        ("TrainingRun", ("spec", "registration", "labels")),
+    ):
+        node = _node(kind, *path)
+        assert any("indexOf('/') <= 253" in r["rule"] for r in node["x-kubernetes-validations"])
+        assert node["additionalProperties"]["maxLength"] == 63
 
 
 def test_every_string_list_and_map_is_bounded(schema: Node) -> None:

@@ -51,42 +51,6 @@ def entry(version: ModelVersion, *, deleting: bool = False) -> plan.VersionEntry
     return plan.VersionEntry.from_body(body)
 
 
-def test_policy_keeps_file_artifacts_under_the_tenant_prefix() -> None:
-    ok = plan.artifact_policy_problem(
-        "file:///art/ns/m/1", "ns", artifact_root="/art", object_store_prefix=""
-    )
-    assert ok is None
-    other = plan.artifact_policy_problem(
-        "file:///art/other/m", "ns", artifact_root="/art", object_store_prefix=""
-    )
-    assert other is not None
-    assert other.reason == reasons.ARTIFACT_OUTSIDE_TENANT
-    assert "spec.artifact.uri" in other.message
-    assert not other.retry
-    escape = plan.artifact_policy_problem(
-        "file:///art/ns/../other/m", "ns", artifact_root="/art", object_store_prefix=""
-    )
-    assert escape is not None
-
-
-def test_policy_checks_object_store_prefix_only_when_configured() -> None:
-    assert (
-        plan.artifact_policy_problem("s3://any/x", "ns", artifact_root="/a", object_store_prefix="")
-        is None
-    )
-    bad = plan.artifact_policy_problem(
-        "s3://models/other/x", "ns", artifact_root="/a", object_store_prefix="s3://models/"
-    )
-    assert bad is not None
-    assert "s3://models/ns/" in bad.message
-    assert (
-        plan.artifact_policy_problem(
-            "s3://models/ns/x", "ns", artifact_root="/a", object_store_prefix="s3://models/"
-        )
-        is None
-    )
-
-
 def test_alias_removals_take_claimed_aliases_from_every_other_holder() -> None:
     claimant = mv("m-v3", 3, aliases=["production"])
     siblings = [

@@ -22,3 +22,66 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.serviceAccount.create -}}{{ default (include "kubeloop.fullname" .) .Values.serviceAccount.name }}
 {{- else -}}{{ default "default" .Values.serviceAccount.name }}{{- end -}}
 {{- end -}}
+
+{{- /*
+The operator's namespaced rights: exactly what the code calls (tests/unit/test_rbac_usage.py
+derives it from the code and tests/integration/test_chart.py compares it with this render).
+Cluster-wide mode grants them in a ClusterRole; namespaced mode in a Role per watched namespace.
+*/}}
+{{- define "kubeloop.operatorRules" -}}
+# kopf watches the four kinds (list, watch) and patches finalizers and its progress
+# annotations (patch); the handlers read, create and patch them beside it.
+- apiGroups: [kubeloop.dev]
+  resources: [trainingruns]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [kubeloop.dev]
+  resources: [modelversions]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [kubeloop.dev]
+  resources: [modeldeployments]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kubeloop.dev]
+  resources: [driftpolicies]
+  verbs: [list, watch, patch]
+# Status is written in one merge patch per pass (and by kopf for patch.status).
+- apiGroups: [kubeloop.dev]
+  resources: [trainingruns/status, modelversions/status, modeldeployments/status, driftpolicies/status]
+  verbs: [patch]
+# Events for `kubectl describe` (kopf posts core/v1 Events; it never updates them).
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+# The registry index ConfigMap of each model, written by server-side apply: a PATCH, which the
+# API server also authorises as a create while the ConfigMap does not exist yet.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create, patch]
+# Artifact checks (a pvc:// URI's claim exists) and the GPU budget (ResourceQuotas).
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [resourcequotas]
+  verbs: [list]
+# The serving backend: one InferenceService per ModelDeployment, server-side applied.
+- apiGroups: [serving.kserve.io]
+  resources: [inferenceservices]
+  verbs: [get, create, patch, delete]
+{{- end -}}
+
+{{- /* Cluster-scoped reads kopf needs, in every mode. */}}
+{{- define "kubeloop.operatorClusterRules" -}}
+# kopf notices CRDs installed or removed after it started (it reads, never writes, them).
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- if .Values.operator.watchNamespaces }}
+# Given namespaces, kopf lists and watches them to learn which exist (names only).
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
+{{- end -}}
+
+{{- /* The webhook Service's DNS name, which its certificate is issued for. */}}
+{{- define "kubeloop.webhookService" -}}{{ include "kubeloop.fullname" . }}-webhook{{- end -}}

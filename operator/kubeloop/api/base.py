@@ -6,12 +6,15 @@ field's description, bound, enum and CEL rule is declared here, next to the Pyth
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 from pydantic.alias_generators import to_camel
+
+from kubeloop.contract.durations import seconds
 
 
 class ApiModel(BaseModel):
@@ -26,10 +29,18 @@ class ApiModel(BaseModel):
 
 
 def cel(
-    rule: str, message: str, *, field_path: str | None = None, reason: str | None = None
+    rule: str,
+    message: str,
+    *,
+    field_path: str | None = None,
+    reason: str | None = None,
+    message_expression: str | None = None,
 ) -> dict[str, str]:
-    """One ``x-kubernetes-validations`` entry."""
+    """One ``x-kubernetes-validations`` entry. ``message_expression`` (CEL returning a string)
+    lets the message quote the value; ``message`` stays the fallback."""
     entry = {"rule": rule, "message": message}
+    if message_expression:
+        entry["messageExpression"] = message_expression
     if field_path:
         entry["fieldPath"] = field_path
     if reason:
@@ -46,6 +57,17 @@ def immutable(what: str) -> dict[str, Any]:
     return validations(cel("self == oldSelf", f"{what} is immutable"))
 
 
+# Key of ``json_schema_extra`` whose value crdgen copies verbatim into the CRD node: value
+# validations (``allOf``/``anyOf``/``not`` over bounds) for what CEL cannot see, such as a
+# field kept with x-kubernetes-preserve-unknown-fields. pydantic's own anyOf/allOf mean unions.
+VALUE_VALIDATIONS = "x-kubeloop-value-validations"
+
+
+def value_validations(**schema: Any) -> dict[str, Any]:
+    """``json_schema_extra`` carrying OpenAPI value validations, e.g. ``allOf=[...]``."""
+    return {VALUE_VALIDATIONS: schema}
+
+
 # Bounded scalar types reused across kinds. Every string and list in the CRDs is bounded
 # so CEL cost estimation passes and a typo cannot store megabytes in etcd.
 DNSLabel = Annotated[
@@ -56,12 +78,78 @@ LongText = Annotated[str, StringConstraints(max_length=4096)]
 Duration = Annotated[
     str, StringConstraints(max_length=32, pattern=r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
 ]
+
+
+def _at_least_1s(text: str) -> str:
+    if seconds(text) < 1:
+        raise ValueError(f"{text!r} is shorter than 1s: give a duration of at least 1s, e.g. 30s")
+    return text
+
+
+# A period or a wait: 0s (or 500ms) would make the operator spin, so at least a second.
+PositiveDuration = Annotated[
+    Duration,
+    AfterValidator(_at_least_1s),
+    Field(
+        json_schema_extra=validations(
+            cel(
+                "duration(self) >= duration('1s')",
+                "must be at least 1s",
+                message_expression="'must be at least 1s, not ' + self",
+            )
+        )
+    ),
+]
 Quantity = Annotated[
     str,
     StringConstraints(max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"),
 ]
+# Kubernetes label syntax (apimachinery's IsQualifiedName / IsValidLabelValue). Written without
+# backslashes so the same text works in a CEL string literal.
+DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY_PATTERN = rf"^({DNS_SUBDOMAIN}/)?{LABEL_NAME}$"
+LABEL_VALUE_PATTERN = rf"^({LABEL_NAME})?$"
+LABEL_KEY_HELP = (
+    "a label key is an optional prefix (a DNS subdomain of at most 253 characters) and /, "
+    "then a name of 1-63 letters, digits, '-', '_' or '.' that starts and ends with a letter "
+    "or digit, e.g. nvidia.com/gpu.product"
+)
+
+
+def label_key_rule(expr: str) -> str:
+    """CEL that is true when ``expr`` (a string) is a Kubernetes label key."""
+    return f"{expr}.matches('{LABEL_KEY_PATTERN}') && {expr}.indexOf('/') <= 253"
+
+
+def check_label_key(key: str) -> str:
+    prefix, _, _ = key.rpartition("/")
+    if not re.fullmatch(LABEL_KEY_PATTERN, key) or len(prefix) > 253:
+        raise ValueError(f"{key!r} is not a label key: {LABEL_KEY_HELP}")
+    return key
+
+
+# The map's CEL rule checks the keys with a readable message; the schema of a key stays plain.
+LabelKey = Annotated[
+    str, AfterValidator(check_label_key), WithJsonSchema({"type": "string", "maxLength": 317})
+]
+LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE_PATTERN)]
 LabelMap = Annotated[
-    dict[str, Annotated[str, StringConstraints(max_length=253)]], Field(max_length=64)
+    dict[LabelKey, LabelValue],
+    Field(
+        max_length=64,
+        json_schema_extra=validations(
+            cel(
+                f"self.all(k, {label_key_rule('k')})",
+                f"keys must be label keys: {LABEL_KEY_HELP}",
+                message_expression=f'"key " + self.filter(k, !({label_key_rule("k")}))[0] + '
+                f'" is not a label key: {LABEL_KEY_HELP}"',
+            )
+        ),
+    ),
+]
+SecretName = Annotated[
+    str, StringConstraints(min_length=1, max_length=253, pattern=rf"^{DNS_SUBDOMAIN}$")
 ]
 MetricName = Annotated[
     str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$")

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import AfterValidator, Field, StringConstraints, field_validator
 
-from kubeloop.api.base import ApiModel, DNSLabel, LabelMap, Quantity, cel, validations
+from kubeloop.api.base import (
+    LABEL_KEY_HELP,
+    ApiModel,
+    DNSLabel,
+    LabelMap,
+    LabelValue,
+    Quantity,
+    cel,
+    check_label_key,
+    label_key_rule,
+    validations,
+)
 
 CROSS_NAMESPACE_MESSAGE = (
     "cross-namespace references are refused: omit namespace; the referenced object must "
@@ -43,21 +54,47 @@ class LocalRef(ApiModel):
         return value
 
 
+def _taint_key(key: str) -> str:
+    if key:
+        check_label_key(key)
+    return key
+
+
+# A taint key is a label key; empty matches every key (with operator Exists).
+TaintKey = Annotated[
+    str,
+    StringConstraints(max_length=317),
+    AfterValidator(_taint_key),
+    Field(
+        json_schema_extra=validations(
+            cel(
+                f"self == '' || ({label_key_rule('self')})",
+                f"must be empty or a label key: {LABEL_KEY_HELP}",
+                message_expression=f'"key " + self + " is not a label key: {LABEL_KEY_HELP}"',
+            )
+        )
+    ),
+]
+
+
 class Toleration(ApiModel):
     """A pod toleration (same fields as core/v1 Toleration)."""
 
-    key: Annotated[str, StringConstraints(max_length=253)] = Field(
+    key: TaintKey = Field(
         default="", description="Taint key the toleration applies to; empty matches all keys."
     )
     operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
-    value: Annotated[str, StringConstraints(max_length=253)] = Field(
-        default="", description="Taint value to match with operator Equal."
+    value: LabelValue = Field(
+        default="", description="Taint value to match with operator Equal (a label value)."
     )
     effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = Field(
         default="", description="Taint effect to match; empty matches all effects."
     )
     toleration_seconds: int | None = Field(
-        default=None, ge=0, description="How long a NoExecute taint is tolerated."
+        default=None,
+        ge=0,
+        le=31_536_000,
+        description="How long a NoExecute taint is tolerated, in seconds (at most a year).",
     )
 
 
@@ -82,7 +119,9 @@ class ComputeResources(ApiModel):
         "empty uses gpuResource. Pick a GPU model with nodeSelector.",
     )
     node_selector: LabelMap = Field(
-        default_factory=dict, description="Node labels the pods must match."
+        default_factory=dict,
+        description="Node labels the pods must match: label keys (e.g. nvidia.com/gpu.product) "
+        "and label values, at most 64.",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=16, description="Taints the pods tolerate."

@@ -15,7 +15,7 @@ from pydantic_core import core_schema
 
 from kubeloop import GROUP, VERSION
 from kubeloop.api import KINDS
-from kubeloop.api.base import Resource, cel
+from kubeloop.api.base import VALUE_VALIDATIONS, Resource, cel
 
 _DROP = {"title", "additionalProperties_false"}
 Schema = dict[str, Any]
@@ -79,6 +79,8 @@ def structural(schema: Schema, defs: dict[str, Schema]) -> Schema:
             out["x-kubernetes-validations"] = [*out.get("x-kubernetes-validations", []), *rules]
         elif key == "x-kubernetes-validations":
             out[key] = [*out.get(key, []), *value]
+        elif key == VALUE_VALIDATIONS:
+            out.update(value)  # already structural value validations (anyOf/allOf/not)
         else:
             out[key] = value
     if out.get("type") == "object" and "additionalProperties" in out and "maxProperties" not in out:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Final, Literal
 
-from pydantic import Field, StringConstraints, WithJsonSchema, model_validator
+from pydantic import Field, StrictFloat, StringConstraints, WithJsonSchema, model_validator
 
 from kubeloop.api.base import (
     ApiModel,
     CRDInfo,
     Duration,
+    PositiveDuration,
     PrinterColumn,
     Resource,
     ShortText,
@@ -23,9 +24,10 @@ from kubeloop.api.base import (
     cel,
     ready_columns,
     validations,
+    value_validations,
 )
 from kubeloop.api.common import LocalRef
-from kubeloop.api.model_deployment import PromQL
+from kubeloop.api.model_deployment import PROMQL_BOUND, PromQL
 
 # Per-feature statistics (planning/drift.py); also the statistic of a prediction signal.
 FEATURE_SIGNALS: Final = ("psi", "kl", "js", "ks", "wasserstein", "chisquare")
@@ -37,15 +39,32 @@ SignalType = Literal[
 ]  # fmt: skip
 Statistic = Literal["psi", "kl", "js", "ks", "wasserstein", "chisquare"]
 
+# Statistics that lie in 0..1, so a threshold above 1 could never breach.
+FRACTION_SIGNALS: Final = ("accuracy", "f1", "js", "ks")
+
 # A number or the word auto. Kubernetes' schema dialect has no number-or-string type (int-or-
-# string refuses 0.2, and CEL cannot see an untyped field), so the API server keeps the value
-# as given and the operator refuses anything else with Ready=False naming the field.
+# string refuses 0.2) and CEL cannot see an untyped field (the CRD is refused: "undefined field
+# 'threshold'"), so the value is kept as given (x-kubernetes-preserve-unknown-fields) and held
+# by OpenAPI value validations, which apply by the value's own type: a number must be in
+# 0..PROMQL_BOUND, a string must be auto, minItems > maxItems (minProperties > maxProperties)
+# refuses every list (map) and not-enum every boolean. The model refuses the same (strictly: no
+# "0.2" or true coerced to a number), and what the schema cannot say: auto for f1, mae, rmse,
+# promql (an anyOf could, but its message would not say why), and null.
 Threshold = Annotated[
-    float | Literal["auto"],
+    StrictFloat | Literal["auto"],
     WithJsonSchema(
         {
             "x-kubernetes-preserve-unknown-fields": True,
             "description": "A number >= 0, or auto.",
+            "minimum": 0,
+            "maximum": PROMQL_BOUND,
+            "pattern": "^auto$",
+            "maxLength": 4,
+            "minItems": 1,
+            "maxItems": 0,
+            "minProperties": 1,
+            "maxProperties": 0,
+            "not": {"enum": [True, False]},
         }
     ),
 ]
@@ -55,7 +74,16 @@ class Signal(ApiModel):
     """One drift signal and its threshold."""
 
     model_config = ApiModel.model_config | {
-        "json_schema_extra": validations(
+        # The type decides the threshold's range, and CEL cannot see the threshold: an anyOf
+        # does it (a fraction's threshold is at most 1). The threshold branch comes first so
+        # that the API server's message names spec.signals[i].threshold and its bound.
+        "json_schema_extra": value_validations(
+            anyOf=[
+                {"properties": {"threshold": {"maximum": 1}}},
+                {"properties": {"type": {"not": {"enum": list(FRACTION_SIGNALS)}}}},
+            ]
+        )
+        | validations(
             cel(
                 "self.type != 'promql' || has(self.query)",
                 "a promql signal needs query",
@@ -127,12 +155,13 @@ class Signal(ApiModel):
         "another. $version is the served stable version.",
     )
     threshold: Threshold = Field(
-        description="A number >= 0, or auto (calibrated from the reference at the window's "
-        "sample size so that a stream without drift breaches at most falseAlarmRate of its "
-        "evaluations; accuracy: the evaluated accuracy less what sampling at the window's "
-        "labelled rows explains; not for f1, mae, rmse, promql). Not checked by the API "
-        "server (its schema has no number-or-string type): the operator refuses anything "
-        "else with Ready=False."
+        description="A number >= 0 (at most 1 for accuracy, f1, js, ks), or auto (calibrated "
+        "from the reference at the window's sample size so that a stream without drift "
+        "breaches at most falseAlarmRate of its evaluations; accuracy: the evaluated accuracy "
+        "less what sampling at the window's labelled rows explains; not for f1, mae, rmse, "
+        "promql). The schema has no number-or-string type: the API server refuses negative "
+        "or oversized numbers, strings other than auto, lists and maps; the operator also "
+        "refuses auto where it does not apply, with Ready=False."
     )
     comparison: Literal["above", "below"] | None = Field(
         default=None,
@@ -162,9 +191,11 @@ class Signal(ApiModel):
                     f"threshold: auto is not available for {self.type} signals (nothing to "
                     "calibrate it from); give a number"
                 )
-        elif not t >= 0:
-            raise ValueError(f"threshold {t}: expected a number >= 0, or auto")
-        elif self.type in ("accuracy", "f1", "js", "ks") and t > 1:
+        elif not 0 <= t <= PROMQL_BOUND:
+            raise ValueError(
+                f"threshold {t}: expected a number >= 0 (at most {PROMQL_BOUND:g}), or auto"
+            )
+        elif self.type in FRACTION_SIGNALS and t > 1:
             raise ValueError(f"threshold {t}: a {self.type} lies in 0..1; expected 0 <= t <= 1")
         return self
 
@@ -203,7 +234,9 @@ class RetrainAction(ApiModel):
         "evaluation, or one interval before it when for is shorter than interval; at most "
         "window back); or both.",
     )
-    cooldown: Duration = Field(default="6h", description="Least time between two retrains.")
+    cooldown: PositiveDuration = Field(
+        default="6h", description="Least time between two retrains (at least 1s)."
+    )
     max_retrains_per_day: int = Field(
         default=2, ge=0, le=24, description="Retrains started in any 24 hours, at most."
     )
@@ -225,11 +258,6 @@ class DriftPolicySpec(ApiModel):
                 field_path=".signals",
             ),
             cel(
-                "duration(self.interval) > duration('0s')",
-                "interval must be longer than 0s",
-                field_path=".interval",
-            ),
-            cel(
                 "duration(self.window) >= duration(self.interval)",
                 "window must be at least interval (every row is then evaluated)",
                 field_path=".window",
@@ -239,13 +267,18 @@ class DriftPolicySpec(ApiModel):
 
     target: LocalRef = Field(description="ModelDeployment to watch (in this namespace).")
     signals: list[Signal] = Field(min_length=1, max_length=32, description="Drift signals.")
-    interval: Duration = Field(default="60s", description="Evaluation period.")
-    window: Duration = Field(default="1h", description="Data window of each evaluation.")
+    interval: PositiveDuration = Field(
+        default="60s", description="Evaluation period (at least 1s)."
+    )
+    window: PositiveDuration = Field(
+        default="1h", description="Data window of each evaluation (at least interval)."
+    )
     for_: Duration = Field(
         default="5m",
         alias="for",
         description="How long consecutive conclusive breaches must last before acting, as a "
-        "Prometheus alert's for (0s: act on the first).",
+        "Prometheus alert's for (0s: act on the first; so, unlike the other durations, it may "
+        "be shorter than 1s).",
     )
     action: RetrainAction = Field(default_factory=RetrainAction, description="Action.")
     suspend: bool = Field(default=False, description="Evaluate but do not act.")

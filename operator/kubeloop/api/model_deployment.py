@@ -10,7 +10,7 @@ from kubeloop.api.base import (
     ApiModel,
     CRDInfo,
     DNSLabel,
-    Duration,
+    PositiveDuration,
     PrinterColumn,
     Resource,
     ShortText,
@@ -23,6 +23,8 @@ from kubeloop.api.common import ComputeResources, LocalRef
 from kubeloop.api.model_version import Alias
 
 PromQL = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+# The largest magnitude a PromQL result is compared with (bytes of memory, counts, seconds…).
+PROMQL_BOUND = 10**15
 
 
 class AliasRef(ApiModel):
@@ -82,13 +84,10 @@ class RequestLog(ApiModel):
     max_rows: int = Field(
         default=1_000_000, ge=1, le=10**9, description="Rows kept; older files are removed."
     )
-    flush_interval: Duration = Field(
+    flush_interval: PositiveDuration = Field(
         default="30s",
-        json_schema_extra=validations(
-            cel("duration(self) >= duration('1s')", "flushInterval must be at least 1s")
-        ),
-        description="Longest time between a logged row and its Parquet file: a retrain reads "
-        "only what was written, so keep it well below the DriftPolicy's for.",
+        description="Longest time between a logged row and its Parquet file (at least 1s): a "
+        "retrain reads only what was written, so keep it well below the DriftPolicy's for.",
     )
 
 
@@ -96,10 +95,10 @@ class Monitoring(ApiModel):
     """What the runtime records for drift and retraining."""
 
     request_log: RequestLog = Field(default_factory=RequestLog, description="Request log.")
-    feedback_ttl: Duration = Field(
+    feedback_ttl: PositiveDuration = Field(
         default="1h",
         description="How long a prediction waits for its ground-truth label (POST .../feedback "
-        "with the request id).",
+        "with the request id); at least 1s.",
     )
 
 
@@ -162,8 +161,12 @@ class CustomMetric(ApiModel):
         description="PromQL returning one value; {{version}} is replaced "
         "by the version under analysis."
     )
-    min: float | None = Field(default=None, description="Lowest healthy value.")
-    max: float | None = Field(default=None, description="Highest healthy value.")
+    min: float | None = Field(
+        default=None, ge=-PROMQL_BOUND, le=PROMQL_BOUND, description="Lowest healthy value."
+    )
+    max: float | None = Field(
+        default=None, ge=-PROMQL_BOUND, le=PROMQL_BOUND, description="Highest healthy value."
+    )
 
 
 class Analysis(ApiModel):
@@ -247,11 +250,13 @@ class Rollout(ApiModel):
         ),
         description="Canary traffic percentages, strictly increasing, ending at 100.",
     )
-    interval: Duration = Field(default="60s", description="Time between analyses.")
-    max_duration: Duration = Field(
+    interval: PositiveDuration = Field(
+        default="60s", description="Time between analyses (at least 1s)."
+    )
+    max_duration: PositiveDuration = Field(
         default="2h",
-        description="Roll back a canary not promoted after this long; a wait for approval "
-        "does not count.",
+        description="Roll back a canary not promoted after this long (at least 1s); a wait for "
+        "approval does not count.",
     )
     approval: Literal["none", "manual"] = Field(
         default="none",

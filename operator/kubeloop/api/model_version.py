@@ -53,7 +53,7 @@ class TensorSpec(ApiModel):
     dtype: Literal["float32", "float64", "int64", "int32", "bool", "string"] = Field(
         default="float32", description="Element type."
     )
-    shape: list[int] = Field(
+    shape: list[Annotated[int, Field(ge=-1, le=2**31 - 1)]] = Field(
         default_factory=list,
         max_length=8,
         description="Shape without the batch dimension; -1 for variable.",
@@ -100,7 +100,7 @@ class HistogramReference(ApiModel):
         max_length=65,
         description="Bucket edges, ascending (at most 64 buckets).",
     )
-    fractions: list[float] = Field(
+    fractions: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=list,
         max_length=65,
         description="Fraction of rows per bucket, then (when present) the share of missing "

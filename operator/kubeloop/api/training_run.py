@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+import re
+from typing import Annotated, Any, Final, Literal, Self
 
-from pydantic import AfterValidator, Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from kubeloop.api.base import (
     ApiModel,
     CRDInfo,
     DNSLabel,
-    Duration,
     LabelMap,
     MetricName,
+    PositiveDuration,
     PrinterColumn,
     Resource,
+    SecretName,
     ShortText,
     StatusBase,
     cel,
     ready_columns,
     validations,
 )
-from kubeloop.api.common import ComputeResources, LocalRef
+from kubeloop.api.common import ComputeResources
 from kubeloop.api.model_version import Alias
 from kubeloop.contract.labels import APPROVE_ANNOTATION
 
@@ -42,6 +44,44 @@ GateMetric = Literal[
     "r2",
     "latency_ms",
     "size_mb",
+]
+# Gate metrics that are fractions (0..1), and those that are never negative; r2 is at most 1.
+FRACTION_METRICS: Final = (
+    "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "minority_recall",
+)  # fmt: skip
+NON_NEGATIVE_METRICS: Final = ("mse", "rmse", "mae", "latency_ms", "size_mb")
+# Five cron fields (minute hour day-of-month month day-of-week; names such as MON or JAN in
+# the last two) or a macro. Whether the numbers are in range (61 * * * *) is judged in code.
+CRON_HELP = (
+    "five cron fields (minute hour day-of-month month day-of-week, e.g. '0 3 * * *' or "
+    "'*/15 8-18 * * MON-FRI') or a macro (@hourly, @daily, @midnight, @weekly, @monthly, "
+    "@yearly, @annually)"
+)
+CRON_PATTERN = (
+    r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|"
+    r"[0-9*/,?-]+\s+[0-9*/,?-]+\s+[0-9*/,?LW-]+\s+[0-9A-Za-z*/,?-]+\s+[0-9A-Za-z*/,?#-]+)$"
+)
+
+
+def _cron(text: str) -> str:
+    if not re.fullmatch(CRON_PATTERN, text):
+        raise ValueError(f"{text!r} is not a cron schedule: expected {CRON_HELP}")
+    return text
+
+
+CronSchedule = Annotated[
+    str,
+    StringConstraints(max_length=64),
+    AfterValidator(_cron),
+    Field(
+        json_schema_extra=validations(
+            cel(
+                f"self.matches(r'{CRON_PATTERN}')",
+                f"must be {CRON_HELP}",
+                message_expression=f'self + " is not a cron schedule: expected {CRON_HELP}"',
+            )
+        )
+    ),
 ]
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 DataUri = Annotated[
@@ -158,8 +198,11 @@ class DataSource(ApiModel):
         "other columns are dropped. They share credentialsSecret.",
     )
     split: Split = Field(default_factory=Split, description="Train/validation/test split.")
-    credentials_secret: LocalRef | None = Field(
-        default=None, description="Secret in this namespace with object-store credentials."
+    credentials_secret: SecretName | None = Field(
+        default=None,
+        description="Name of a Secret in this run's namespace holding the object-store "
+        "credentials for s3:// or gs:// data (uri and extra). The kfp executor mounts it into "
+        "the pipeline's pods; it is never read from another namespace.",
     )
 
 
@@ -230,7 +273,9 @@ class EarlyStopping(ApiModel):
     """Stop when the validation loss stops improving."""
 
     patience: int = Field(default=5, ge=1, le=1000, description="Epochs without improvement.")
-    min_delta: float = Field(default=0.0, ge=0, description="Smallest improvement that counts.")
+    min_delta: float = Field(
+        default=0.0, ge=0, le=1e6, description="Smallest improvement that counts."
+    )
 
 
 class ModelSpec(ApiModel):
@@ -239,12 +284,12 @@ class ModelSpec(ApiModel):
     family: Literal["mlp", "cnn", "resnet", "transformer"] = Field(
         default="mlp", description="mlp (tabular), cnn/resnet (images), transformer (text)."
     )
-    hidden_layers: list[int] = Field(
+    hidden_layers: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
         default_factory=lambda: [64, 32],
         max_length=16,
         description="Width of each hidden layer (mlp).",
     )
-    channels: list[int] = Field(
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [16, 32],
         max_length=8,
         description="Channels per conv stage (cnn/resnet).",
@@ -351,12 +396,60 @@ class Tuning(ApiModel):
     )
 
 
+def _metric_list(names: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{n}'" for n in names) + "]"
+
+
 class Gate(ApiModel):
     """A test-split metric threshold the model must meet to be registered."""
 
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                f"!(self.metric in {_metric_list(FRACTION_METRICS)}) || "
+                "(self.value >= 0.0 && self.value <= 1.0)",
+                f"the value of a gate on {', '.join(FRACTION_METRICS)} is a fraction in 0..1",
+                field_path=".value",
+                message_expression="self.metric + ' is a fraction: a gate on it needs a value "
+                "in 0..1'",
+            ),
+            cel(
+                f"!(self.metric in {_metric_list(NON_NEGATIVE_METRICS)}) || self.value >= 0.0",
+                f"the value of a gate on {', '.join(NON_NEGATIVE_METRICS)} must be >= 0",
+                field_path=".value",
+                message_expression="self.metric + ' is never negative: a gate on it needs a "
+                "value >= 0'",
+            ),
+            cel(
+                "self.metric != 'r2' || self.value <= 1.0",
+                "r2 is at most 1: a gate on it needs a value <= 1",
+                field_path=".value",
+            ),
+        )
+    }
+
     metric: GateMetric = Field(description="Metric name.")
     op: Literal[">=", ">", "<=", "<"] = Field(default=">=", description="Comparison.")
-    value: float = Field(description="Threshold.")
+    value: float = Field(
+        ge=-1e9,
+        le=1e9,
+        description=f"Threshold: 0..1 for {', '.join(FRACTION_METRICS)}; >= 0 for "
+        f"{', '.join(NON_NEGATIVE_METRICS)}; <= 1 for r2.",
+    )
+
+    @model_validator(mode="after")
+    def _value_in_range(self) -> Self:
+        v, metric = self.value, self.metric
+        why = ""
+        if metric in FRACTION_METRICS and not 0 <= v <= 1:
+            why = "is a fraction: a gate on it needs a value in 0..1"
+        elif metric in NON_NEGATIVE_METRICS and v < 0:
+            why = "is never negative: a gate on it needs a value >= 0"
+        elif metric == "r2" and v > 1:
+            why = "is at most 1: a gate on it needs a value <= 1"
+        if why:
+            raise ValueError(f"{metric} {why}, not {v}")
+        return self
 
 
 class Evaluation(ApiModel):
@@ -386,7 +479,7 @@ class Optimization(ApiModel):
         default=0, ge=0, lt=1, description="Magnitude-pruning sparsity (0 disables)."
     )
     quantize_int8: bool = Field(default=False, description="int8 dynamic quantisation (torchao).")
-    distill_hidden_layers: list[int] = Field(
+    distill_hidden_layers: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
         default_factory=list,
         max_length=8,
         description="Student architecture for distillation (empty disables).",
@@ -447,19 +540,13 @@ class TrainingRunSpec(ApiModel):
         description="local (embedded KFP runner) or kfp; default follows the operator's setting.",
     )
     registration: Registration = Field(description="Model registration.")
-    schedule: (
-        Annotated[
-            str,
-            StringConstraints(
-                max_length=64, pattern=r"^(@(hourly|daily|weekly|monthly)|(\S+\s+){4}\S+)$"
-            ),
-        ]
-        | None
-    ) = Field(default=None, description="Cron schedule for continuous training.")
+    schedule: CronSchedule | None = Field(
+        default=None, description=f"Cron schedule for continuous training: {CRON_HELP}."
+    )
     caching: bool = Field(default=True, description="Reuse outputs of unchanged steps.")
     retries: int = Field(default=2, ge=0, le=10, description="Retries per failing step.")
-    timeout: Duration = Field(
-        default="2h", description="Deadline of the whole run (e.g. 90s, 30m, 1h30m)."
+    timeout: PositiveDuration = Field(
+        default="2h", description="Deadline of the whole run (at least 1s, e.g. 90s, 30m, 1h30m)."
     )
     suspend: bool = Field(
         default=False,

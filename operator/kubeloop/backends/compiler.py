@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from kubeloop import reasons
 from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop.planning.training_run import spec_problem
 
@@ -19,6 +20,7 @@ class Compiled:
     spec_hash: str = ""
     ir_yaml: str = ""
     error: str = ""  # why the spec cannot be compiled, naming the field
+    reason: str = reasons.INVALID_SPEC
 
 
 async def compile_pipeline(

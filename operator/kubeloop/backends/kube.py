@@ -56,6 +56,10 @@ RESOURCE_QUOTAS = Kind("", "v1", "resourcequotas")
 NAMESPACES = Kind("", "v1", "namespaces")
 CONFIGMAPS = Kind("", "v1", "configmaps")
 EVENTS = Kind("", "v1", "events")
+# Local control plane only: the operator registers its own webhook (the chart ships it).
+WEBHOOK_CONFIGURATIONS = Kind(
+    "admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations"
+)
 
 
 class ApiError(Exception):

@@ -3,6 +3,7 @@ once (``daemon.py`` is the loop every daemon runs). Importing this package regis
 handler."""
 
 from kubeloop.handlers import (
+    admission,
     drift_policy,
     model_deployment,
     model_version,
@@ -10,4 +11,11 @@ from kubeloop.handlers import (
     training_run,
 )
 
-__all__ = ["drift_policy", "model_deployment", "model_version", "startup", "training_run"]
+__all__ = [
+    "admission",
+    "drift_policy",
+    "model_deployment",
+    "model_version",
+    "startup",
+    "training_run",
+]

@@ -17,15 +17,20 @@ Warning Event once failures persist, and the reconcile metrics.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import kopf
+import pydantic
 from pydantic import BaseModel
 
+from kubeloop.api.base import Condition
 from kubeloop.backends.kube import Kind, KubeClient
 from kubeloop.handlers import errors, events
 from kubeloop.handlers.metrics import RECONCILE_SECONDS, RECONCILES
+from kubeloop.planning.conditions import find, set_condition
+from kubeloop.reasons import INVALID_SPEC, READY
 
 POLL_S = 2.0  # the longest a daemon waits before it looks at its (live) body again
 MIN_WAIT_S = 0.2
@@ -100,6 +105,53 @@ def own_status(
         return delay
 
     return one_pass
+
+
+async def refuse(
+    kube: KubeClient, kind: Kind, body: Mapping[str, Any], reason: str, message: str, *, phase: str
+) -> None:
+    """Ready=False naming the field, written once (a spec the API server let through: no
+    webhook registered, or a rule the parse itself enforces); ``phase`` '' leaves it."""
+    meta, status = body["metadata"], dict(body.get("status") or {})
+    conditions = [Condition.model_validate(c) for c in status.get("conditions") or []]
+    ready = find(conditions, READY)
+    if ready is not None and (ready.status, ready.reason, ready.message) == (
+        "False",
+        reason,
+        message,
+    ):
+        return
+    generation = int(meta.get("generation") or 0)
+    conditions = set_condition(
+        conditions,
+        READY,
+        "False",
+        reason,
+        message,
+        generation=generation,
+        now=dt.datetime.now(dt.UTC),
+    )
+    patch: dict[str, Any] = {
+        "conditions": [c.model_dump(by_alias=True, mode="json") for c in conditions],
+        "observedGeneration": generation,
+    }
+    if phase:
+        patch["phase"] = phase
+    await kube.patch(kind, meta["namespace"], meta["name"], {"status": patch}, subresource="status")
+    events.post(body, "Warning", reason, message)
+
+
+async def refused(
+    kube: KubeClient, kind: Kind, body: Mapping[str, Any], parse: Callable[[], Any], phase: str
+) -> bool:
+    """Whether the live body does not parse (and so was refused, with the parse's words)."""
+    try:
+        parse()
+    except pydantic.ValidationError as exc:
+        message = errors.describe_validation_error(exc)[1]
+        await refuse(kube, kind, body, INVALID_SPEC, message, phase=phase)
+        return True
+    return False
 
 
 async def write_status(

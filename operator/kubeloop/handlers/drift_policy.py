@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 from typing import Any
 
 import kopf
-import pydantic
 
 from kubeloop import GROUP, VERSION, reasons
-from kubeloop.api.drift_policy import DriftPolicy, DriftPolicyStatus
+from kubeloop.api.drift_policy import DriftPolicy
 from kubeloop.api.model_deployment import ModelDeployment
 from kubeloop.backends.drift_window import InvalidSignal, read_window, signal_queries
 from kubeloop.backends.kube import (
@@ -31,13 +31,11 @@ from kubeloop.backends.kube import (
 )
 from kubeloop.backends.registry import Registry
 from kubeloop.contract.labels import DRIFT_POLICY_LABEL
-from kubeloop.handlers import daemon, events
-from kubeloop.handlers.errors import describe_validation_error
+from kubeloop.handlers import daemon, refusals
 from kubeloop.handlers.metrics import DRIFT_FIRING, DRIFT_SIGNAL, DRIFT_THRESHOLD, RETRAINS
 from kubeloop.handlers.startup import Context, context
 from kubeloop.planning import drift_policy as plan
-from kubeloop.planning import drift_signals, retrain
-from kubeloop.planning.conditions import find, set_condition
+from kubeloop.planning import drift_signals, retrain, spec_rules
 
 
 def served_view(ctx: Context, md: ModelDeployment) -> retrain.Served:
@@ -189,40 +187,6 @@ def _export(policy: DriftPolicy, decision: plan.Decision) -> None:
             DRIFT_THRESHOLD.labels(ns, name, s.name).set(s.threshold)
 
 
-async def refuse(ctx: Context, body: kopf.Body, error: pydantic.ValidationError) -> None:
-    """A spec the API server let through (a threshold that is neither a number nor auto)
-    becomes Ready=False naming the field, once."""
-    _, message = describe_validation_error(error)
-    try:
-        status = DriftPolicyStatus.model_validate(dict(body.get("status") or {}))
-    except pydantic.ValidationError:
-        status = DriftPolicyStatus()
-    ready = find(status.conditions, reasons.READY)
-    if ready is not None and ready.reason == reasons.INVALID_SPEC and ready.message == message:
-        return
-    generation = int(body.get("metadata", {}).get("generation") or 0)
-    status.phase = "Failed"
-    status.observed_generation = generation
-    status.conditions = set_condition(
-        status.conditions,
-        reasons.READY,
-        "False",
-        reasons.INVALID_SPEC,
-        message,
-        generation=generation,
-        now=dt.datetime.now(dt.UTC),
-    )
-    meta = body["metadata"]
-    await ctx.kube.patch(
-        DRIFT_POLICIES,
-        meta["namespace"],
-        meta["name"],
-        {"status": status.model_dump(by_alias=True, mode="json")},
-        subresource="status",
-    )
-    events.post(body, "Warning", reasons.INVALID_SPEC, message)
-
-
 @kopf.daemon(GROUP, VERSION, "driftpolicies", cancellation_timeout=10)
 async def run_policy(
     body: kopf.Body,
@@ -238,10 +202,13 @@ async def run_policy(
     )
 
     async def one_pass() -> float:
-        try:
-            DriftPolicy.parse(body)
-        except pydantic.ValidationError as exc:  # what the API server cannot check
-            await refuse(ctx, body, exc)
+        parse = functools.partial(DriftPolicy.parse, body)
+        if await daemon.refused(ctx.kube, DRIFT_POLICIES, body, parse, "Failed"):
+            return daemon.POLL_S
+        found = await refusals.drift_policy(ctx, parse(), served=False)
+        if found:
+            reason, message = found[0].reason, spec_rules.message(found)
+            await daemon.refuse(ctx.kube, DRIFT_POLICIES, body, reason, message, phase="Failed")
             return daemon.POLL_S
         return await reconcile()
 

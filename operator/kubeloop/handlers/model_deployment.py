@@ -12,6 +12,7 @@ what it finds.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,10 +25,10 @@ from kubeloop.backends.canary_metrics import Measured, measure
 from kubeloop.backends.kube import MODEL_DEPLOYMENTS, TRAINING_RUNS, NotFound
 from kubeloop.backends.registry import Registry
 from kubeloop.contract.labels import APPROVE_ANNOTATION
-from kubeloop.handlers import daemon
+from kubeloop.handlers import daemon, refusals
 from kubeloop.handlers.errors import reconciler
 from kubeloop.handlers.startup import Context, context
-from kubeloop.planning import canary
+from kubeloop.planning import canary, spec_rules
 from kubeloop.planning import registry as rules
 from kubeloop.planning.placement import Placement, ServingState, build_placement
 
@@ -79,7 +80,10 @@ async def observe(
     )
     stable = registry.get(md.namespace, status.stable.model_version or "")
     why = rules.incompatible(stable, resolved.version)
-    if resolved.version is None:
+    refused = refusals.model_deployment(md)
+    if refused:  # what the webhook refuses, checked again: no new version rolls out
+        target = canary.Target(None, spec_rules.message(refused), refused[0].reason)
+    elif resolved.version is None:
         target = canary.Target(None, resolved.problem, resolved.reason)
     elif why:
         target = canary.Target(None, why, reasons.INCOMPATIBLE_SIGNATURE)
@@ -202,10 +206,14 @@ async def run_rollout(
 ) -> None:
     ctx = context(memo)
     registry = ctx.registry(kwargs["versions_by_model"])  # the kopf index
-    one_pass = daemon.own_status(
-        lambda: ModelDeployment.parse(body),
-        lambda md: reconcile_deployment(ctx, registry, md, logger),
-    )
+    parse = functools.partial(ModelDeployment.parse, body)
+    reconcile = daemon.own_status(parse, lambda md: reconcile_deployment(ctx, registry, md, logger))
+
+    async def one_pass() -> float:
+        if await daemon.refused(ctx.kube, MODEL_DEPLOYMENTS, body, parse, ""):
+            return daemon.POLL_S
+        return await reconcile()
+
     await daemon.run("ModelDeployment", body, stopped, logger, one_pass)
 
 

@@ -3,6 +3,7 @@ model, keeps the per-model index ConfigMap, becomes Ready."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Sequence
 from typing import Any
@@ -14,10 +15,11 @@ from kubeloop.api.model_version import ModelVersion
 from kubeloop.backends import artifacts
 from kubeloop.backends.kube import MODEL_VERSIONS, Conflict, KubeClient
 from kubeloop.backends.registry import ModelKey, index_versions
-from kubeloop.handlers import events
+from kubeloop.handlers import events, refusals
 from kubeloop.handlers.errors import reconciler
 from kubeloop.handlers.startup import Context, context
 from kubeloop.planning import model_version as plan
+from kubeloop.planning import spec_rules
 from kubeloop.planning.model_version import VersionEntry
 
 Index = kopf.Index[ModelKey, ModelVersion]
@@ -97,11 +99,11 @@ async def reconcile_model_version(
     mv = ModelVersion.parse(body)
     ctx = context(memo)
     ns = mv.namespace
-    policy = plan.artifact_policy_problem(
-        mv.spec.artifact.uri,
-        ns,
-        artifact_root=str(ctx.settings.artifact_root),
-        object_store_prefix=ctx.settings.object_store_prefix,
+    refused = await asyncio.to_thread(refusals.model_version, ctx, mv)
+    policy = (
+        plan.Problem(refused[0].reason, spec_rules.message(refused), retry=False)
+        if refused
+        else None
     )
     observed = plan.ArtifactObservation()
     if policy is None:

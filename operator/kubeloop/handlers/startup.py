@@ -22,7 +22,8 @@ from kubeloop.backends.registry_index import RegistryIndexWriter
 from kubeloop.backends.serving import ServingBackend
 from kubeloop.backends.serving_kserve import KServeBackend
 from kubeloop.backends.serving_local import LocalServingBackend
-from kubeloop.planning import naming
+from kubeloop.handlers import webhook_server
+from kubeloop.planning import naming, tenancy
 from kubeloop.settings import Settings
 
 FINALIZER = "kubeloop.dev/finalizer"
@@ -94,6 +95,13 @@ class Context:
             remote=(backend if backend != "default" else cfg.serving_backend) == "kserve",
         )
 
+    @property
+    def tenancy(self) -> tenancy.Policy:
+        """Where tenants' data and artifacts may lie."""
+        cfg = self.settings
+        allow = {ns: tuple(prefixes) for ns, prefixes in cfg.data_allowlist.items()}
+        return tenancy.Policy(str(cfg.artifact_root), cfg.object_store_prefix, allow)
+
     def executor_for(self, name: str) -> Executor:
         """A TrainingRun's executor (``default``: the operator's setting)."""
         return self.executor(self.settings.executor if name == "default" else name)
@@ -140,6 +148,11 @@ async def startup(
     }
     prometheus = PrometheusClient(cfg.prometheus_url, timeout=10)
     memo["context"] = Context(cfg, kube, RegistryIndexWriter(kube), prometheus, serving)
+    tls = webhook_server.serve(settings, cfg)
+    if tls is not None and cfg.webhook_register:
+        memo["webhook_registration"] = asyncio.create_task(webhook_server.register(kube, cfg, tls))
+    if tls is not None:
+        logger.info("admission webhook on https://%s:%d", cfg.webhook_addr, cfg.webhook_port)
     if cfg.metrics_port:
         prometheus_client.start_http_server(cfg.metrics_port, addr="0.0.0.0")
         logger.info("operator metrics on :%d/metrics", cfg.metrics_port)
@@ -149,4 +162,8 @@ async def startup(
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     ctx = memo.get("context")
     if isinstance(ctx, Context):
+        registration = memo.get("webhook_registration")
+        if registration is not None:
+            registration.cancel()
+            await webhook_server.unregister(ctx.kube, ctx.settings)
         await ctx.kube.close()

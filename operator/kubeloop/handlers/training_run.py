@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +28,9 @@ from kubeloop.backends.gpu_usage import observe_gpu_usage
 from kubeloop.backends.kube import TRAINING_RUNS
 from kubeloop.backends.registry import Registry
 from kubeloop.backends.run_store import RunStore
-from kubeloop.handlers import daemon
+from kubeloop.handlers import daemon, refusals
 from kubeloop.handlers.startup import Context, context
-from kubeloop.planning import admission, naming
+from kubeloop.planning import admission, naming, spec_rules
 from kubeloop.planning import training_run as plan
 
 REGISTERED_RECHECK_S = 0.2  # the pass after a registration looks again at once
@@ -64,12 +65,20 @@ async def observe(
     status, generation = tr.status, tr.metadata.generation
     if memory.compiled is None or memory.compiled.generation != generation:
         cfg = ctx.settings
-        memory.compiled = await compile_pipeline(
-            plan.pipeline_spec(tr.spec),
-            generation,
-            image=cfg.training_image,
-            kueue_queue=cfg.kueue_queue,
-        )
+        # Refused before any step runs: a data URI outside the tenant, a bad cron or label
+        # (the admission webhook's rules, checked again here).
+        found = await asyncio.to_thread(refusals.training_run, ctx, tr)
+        if found:
+            memory.compiled = Compiled(
+                generation, error=spec_rules.message(found), reason=found[0].reason
+            )
+        else:
+            memory.compiled = await compile_pipeline(
+                plan.pipeline_spec(tr.spec),
+                generation,
+                image=cfg.training_image,
+                kueue_queue=cfg.kueue_queue,
+            )
     approved = plan.is_approved(tr.metadata.annotations)
     fields: dict[str, Any] = {
         "generation": generation,
@@ -79,6 +88,7 @@ async def observe(
         "approved": approved,
         "spec_hash": memory.compiled.spec_hash,
         "compile_error": memory.compiled.error,
+        "compile_reason": memory.compiled.reason,
     }
     starting = status.attempt == 0 or plan.spec_changed(
         status,
@@ -197,7 +207,10 @@ async def run_training(
     memory = Memory()
 
     async def one_pass() -> float | None:
-        tr = TrainingRun.parse(body)
+        parse = functools.partial(TrainingRun.parse, body)
+        if await daemon.refused(ctx.kube, TRAINING_RUNS, body, parse, "Failed"):
+            return daemon.POLL_S
+        tr = parse()
         if memory.status is not None and memory.status.attempt >= tr.status.attempt:
             tr.status = memory.status  # ours is newer than what the watch may have echoed
         if plan.is_idle(tr.spec, tr.status, tr.metadata.generation, dt.datetime.now(dt.UTC)):

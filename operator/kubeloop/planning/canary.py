@@ -508,14 +508,21 @@ def _conditions(
 ) -> None:
     conds = st.conditions
     serving = st.stable.model_version is not None and stable_ready
+    ready_reason, ready_message = (
+        reasons.SERVING,
+        f"{st.stable.model_version} serves {st.stable.weight}%",
+    )
+    if not serving:  # why not, when the spec or its version says so
+        ready_reason = (
+            (target.reason or reasons.INVALID_SPEC) if target.problem else reasons.NOT_SERVING
+        )
+        ready_message = target.problem or "no ready stable version yet"
     conds = set_condition(
         conds,
         reasons.READY,
         "True" if serving else "False",
-        reasons.SERVING if serving else reasons.NOT_SERVING,
-        f"{st.stable.model_version} serves {st.stable.weight}%"
-        if serving
-        else "no ready stable version yet",
+        ready_reason,
+        ready_message,
         generation=generation,
         now=now,
     )

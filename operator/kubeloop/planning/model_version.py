@@ -10,7 +10,6 @@ import datetime as dt
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 from kubeloop import API_VERSION, reasons
@@ -77,33 +76,6 @@ class Problem:
     reason: str
     message: str
     retry: bool  # True: may heal by itself (retry later); False: needs a spec change
-
-
-def artifact_policy_problem(
-    uri: str, namespace: str, *, artifact_root: str, object_store_prefix: str
-) -> Problem | None:
-    """Tenancy rule: artifacts live under a per-namespace prefix."""
-    if uri.startswith("file://"):
-        path = PurePosixPath(uri.removeprefix("file://"))
-        root = PurePosixPath(artifact_root) / namespace
-        if ".." in path.parts or not path.is_relative_to(root):
-            return Problem(
-                reasons.ARTIFACT_OUTSIDE_TENANT,
-                f"spec.artifact.uri {uri!r} must lie under file://{root}/ "
-                "(each namespace owns its own artifact prefix)",
-                retry=False,
-            )
-    elif uri.startswith(("s3://", "gs://")) and object_store_prefix:
-        scheme = uri.split("://", 1)[0]
-        prefix = object_store_prefix.split("://", 1)[-1].rstrip("/")
-        wanted = f"{scheme}://{prefix}/{namespace}/"
-        if not uri.startswith(wanted):
-            return Problem(
-                reasons.ARTIFACT_OUTSIDE_TENANT,
-                f"spec.artifact.uri {uri!r} must lie under {wanted}",
-                retry=False,
-            )
-    return None
 
 
 def expected_name(model_name: str, version: int) -> str:

@@ -60,7 +60,8 @@ class Observed:
     namespace: str = ""
     approved: bool = False  # the annotation kubeloop.dev/approve is "true"
     spec_hash: str = ""  # of the pipeline compiled from the spec (pipeline_spec)
-    compile_error: str = ""  # the spec cannot be compiled; names the field
+    compile_error: str = ""  # the spec cannot be compiled (or is refused); names the field
+    compile_reason: str = reasons.INVALID_SPEC  # e.g. DataOutsideTenantPrefix
     gpu_limit: int | None = None  # GPUs the namespace's TrainingRuns may hold; None = no limit
     gpu_limit_source: str = ""  # e.g. "ResourceQuota gpu-quota" or "operator setting"
     gpu_in_use: int = 0  # by the namespace's other running TrainingRuns
@@ -149,9 +150,10 @@ def needs_new_attempt(spec: TrainingRunSpec, status: TrainingRunStatus, obs: Obs
 
 
 def next_scheduled(schedule: str, status: TrainingRunStatus) -> dt.datetime | None:
-    """When the cron schedule next fires after the current attempt started."""
+    """When the cron schedule next fires after the current attempt started (None: never, as
+    for a schedule the calendar cannot meet, which the spec rules refuse)."""
     base = parse_rfc3339(status.last_scheduled_at or status.started_at)
-    if base is None:
+    if base is None or not croniter.is_valid(schedule):
         return None
     nxt: dt.datetime = croniter(schedule, base).get_next(dt.datetime)
     return nxt if nxt.tzinfo else nxt.replace(tzinfo=dt.UTC)
@@ -374,7 +376,7 @@ def plan_training(spec: TrainingRunSpec, status: TrainingRunStatus, obs: Observe
     )
 
     if obs.compile_error and status.phase in ACTIVE:
-        decision.events += _fail(status, obs, reasons.INVALID_SPEC, obs.compile_error)
+        decision.events += _fail(status, obs, obs.compile_reason, obs.compile_error)
     elif status.phase in NOT_SUBMITTED and awaiting_approval(spec, obs.approved):
         _plan_suspended(status, obs, decision)
     elif status.phase in NOT_SUBMITTED:

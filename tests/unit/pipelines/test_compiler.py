@@ -321,3 +321,40 @@ def test_compile_takes_under_a_second() -> None:
     # compiler; ~50 ms each when quiet); the fastest run shows what the compiler costs.
     assert statistics.median(times) < 1.0, f"compile times {times}"
     assert min(times) < 0.5, f"compile times {times}"
+
+
+def _platform(ir_yaml: str) -> dict[str, Any]:
+    docs = list(yaml.safe_load_all(ir_yaml))
+    platform = next(d for d in docs if "platforms" in d)
+    executors: dict[str, Any] = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return executors
+
+
+def test_the_credentials_secret_reaches_only_the_ingest_step() -> None:
+    spec = TrainingRunSpec.model_validate(
+        {
+            "data": {"uri": "gs://lake/t/d.csv", "target": "y", "credentialsSecret": "lake-reader"},
+            "registration": {"modelName": "m"},
+        }
+    )
+    compiled = compile_spec(spec)
+    executors = _platform(compiled.ir_yaml)
+    ingest = executors["exec-ingest"]
+    assert ingest["secretAsVolume"][0]["secretName"] == "lake-reader"
+    assert ingest["secretAsVolume"][0]["mountPath"] == "/var/run/secrets/kubeloop/data"
+    env = {e["envVar"] for e in ingest["secretAsEnv"][0]["keyToEnv"]}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env
+    assert ingest["secretAsEnv"][0]["optional"] is True  # each key may be absent
+    others = [name for name, e in executors.items() if "secretAsVolume" in e or "secretAsEnv" in e]
+    assert others == ["exec-ingest"]
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in compiled.ir_yaml  # gs:// data: the key file
+    # No secret named: nothing mounted.
+    plain = compile_spec(
+        TrainingRunSpec.model_validate(
+            {
+                **spec.model_dump(by_alias=True, exclude_none=True),
+                "data": {"uri": "gs://lake/t/d.csv", "target": "y"},
+            }
+        )
+    )
+    assert "lake-reader" not in plain.ir_yaml

@@ -1,0 +1,351 @@
+"""The chart's alert rules match series that really exist, and fire.
+
+Every selector in every rule is checked against the metrics the operator and the serving runtime
+register in prometheus_client (name, labels, and the values of labels whose values are a closed
+set), so a rule on a metric or a label value nothing exports fails here instead of staying
+silent in production. ``promtool test rules`` then feeds each alert series shaped like the real
+ones (themselves checked the same way) and asserts it fires.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, get_args
+
+import promql_parser as pp
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
+
+import kubeloop.handlers.metrics
+import kubeloop.serving.feedback
+import kubeloop.serving.metrics
+import kubeloop.serving.request_log  # noqa: F401  (registers its metrics)
+from kubeloop.api.crdgen import all_crds
+from kubeloop.contract import serving_metrics as contract
+from kubeloop.handlers.errors import Result
+from kubeloop.planning.promql import selectors
+from tests.conftest import ROOT
+
+RULES = ROOT / "charts" / "kubeloop" / "files" / "prometheus-rules.yaml"
+
+# Labels the scrape adds to every series (Prometheus' target labels, the ServiceMonitor's).
+TARGET_LABELS = {"namespace", "job", "instance", "pod", "service", "endpoint", "container"}
+# Series Prometheus makes itself: name -> labels.
+SYNTHETIC = {"up": set(TARGET_LABELS)}
+# Labels whose values are a closed set, by series. The reconcile result is what
+# handlers/errors.py classifies into, plus success; the HTTP codes are those the runtime
+# pre-creates plus 503 (not ready).
+KINDS = {crd["spec"]["names"]["kind"] for crd in all_crds().values()}
+VALUES: dict[tuple[str, str], set[str]] = {
+    ("kubeloop_reconcile_total", "result"): {"success", *get_args(Result)},
+    ("kubeloop_reconcile_total", "kind"): KINDS,
+    ("kubeloop_reconcile_duration_seconds_bucket", "kind"): KINDS,
+    ("kubeloop_requests_total", "code"): {"200", "400", "500", "503"},
+    ("kubeloop_request_log_dropped_rows_total", "reason"): set(contract.REQUEST_LOG_DROP_REASONS),
+    ("kubeloop_request_log_dropped_rows_total", "stream"): set(contract.REQUEST_LOG_STREAMS),
+    ("kubeloop_request_log_rows_total", "stream"): set(contract.REQUEST_LOG_STREAMS),
+    ("kubeloop_feedback_labels_total", "outcome"): set(contract.FEEDBACK_OUTCOMES),
+    ("kubeloop_feedback_evictions_total", "reason"): set(contract.FEEDBACK_EVICTION_REASONS),
+    # The chart's ServiceMonitor: jobLabel app.kubernetes.io/name.
+    ("up", "job"): {"kubeloop"},
+}
+
+
+def exported() -> dict[str, set[str]]:
+    """Every kubeloop sample name prometheus_client exposes, with its labels."""
+    series: dict[str, set[str]] = {}
+    for collector, names in REGISTRY._collector_to_names.items():
+        labels: set[str] = set()
+        if isinstance(collector, MetricWrapperBase):
+            labels = set(collector._labelnames)
+        else:
+            for family in collector.collect():  # e.g. the runtime's bucket counters
+                labels |= set(getattr(family, "_labelnames", ()))
+        for name in names:
+            if name.startswith("kubeloop_"):
+                series[name] = labels | ({"le"} if name.endswith("_bucket") else set())
+    return series
+
+
+def _matches(matcher: pp.Matcher, value: str) -> bool:
+    if matcher.op == pp.MatchOp.Equal:
+        return value == matcher.value
+    if matcher.op == pp.MatchOp.NotEqual:
+        return value != matcher.value
+    hit = re.fullmatch(matcher.value, value) is not None
+    return hit if matcher.op == pp.MatchOp.Re else not hit
+
+
+def problems(expr: str) -> list[str]:
+    """What in ``expr`` names a series, a label or a label value that nothing exports."""
+    known = {**exported(), **SYNTHETIC}
+    found: list[str] = []
+    parsed = pp.parse(expr)
+    for vs in selectors(parsed):
+        if vs.name is None:
+            found.append(f"{vs.prettify()}: a selector without a metric name cannot be checked")
+            continue
+        if vs.name not in known:
+            found.append(f"{vs.name}: no such series is exported")
+            continue
+        labels = known[vs.name] | TARGET_LABELS
+        groups = list(vs.matchers.or_matchers) or [list(vs.matchers.matchers)]
+        for m in [m for group in groups for m in group if m.name != "__name__"]:
+            if m.name not in labels:
+                found.append(f"{vs.name}: no label {m.name!r} (it has {sorted(known[vs.name])})")
+            elif (values := VALUES.get((vs.name, m.name))) is not None:
+                if m.op in (pp.MatchOp.Equal, pp.MatchOp.Re):
+                    if not any(_matches(m, v) for v in values):
+                        found.append(
+                            f"{vs.name}: {m.name} never matches {m.value!r} ({sorted(values)})"
+                        )
+                    elif m.op == pp.MatchOp.Re:
+                        for part in m.value.split("|"):
+                            if not any(re.fullmatch(part, v) for v in values):
+                                found.append(
+                                    f"{vs.name}: {m.name} alternative {part!r} matches nothing"
+                                )
+                elif m.value not in values and not any(re.fullmatch(m.value, v) for v in values):
+                    found.append(f"{vs.name}: {m.name} is never {m.value!r} ({sorted(values)})")
+    found += _grouping_problems(parsed, known)
+    return found
+
+
+def _grouping_problems(expr: Any, known: dict[str, set[str]]) -> list[str]:
+    """``by (...)`` labels that no selector under the aggregation carries."""
+    found: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, pp.AggregateExpr):
+            mod = node.modifier
+            if mod is not None and mod.type == pp.AggModifierType.By:
+                have = set(TARGET_LABELS)
+                for vs in selectors(node.expr):
+                    have |= known.get(vs.name or "", set())
+                found.extend(
+                    f"by ({label}): no series under it has it"
+                    for label in mod.labels
+                    if label not in have
+                )
+            visit(node.expr)
+        elif isinstance(node, pp.BinaryExpr):
+            visit(node.lhs)
+            visit(node.rhs)
+        elif isinstance(node, pp.Call):
+            for arg in node.args:
+                visit(arg)
+        elif isinstance(node, pp.ParenExpr | pp.UnaryExpr | pp.SubqueryExpr | pp.MatrixSelector):
+            visit(node.expr if not isinstance(node, pp.MatrixSelector) else node.vector_selector)
+
+    visit(expr)
+    return found
+
+
+def rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+# --- the checker itself --------------------------------------------------------------------
+
+
+def test_the_checker_finds_what_nothing_exports() -> None:
+    assert problems('kubeloop_reconcile_total{result="failed"}') == []
+    assert problems('kubeloop_reconcile_total{result=~"error|failed"}') == []
+    assert problems('kubeloop_reconcile_total{result="errors"}')  # a value never emitted
+    assert problems('kubeloop_reconcile_total{result=~"error|failure"}')  # one alternative
+    assert problems("kubeloop_reconciles_total")  # a name never exported
+    assert problems('kubeloop_requests_total{status="500"}')  # the label is `code`
+    assert problems("sum by (model) (kubeloop_reconcile_total)")  # grouping by a missing label
+    assert problems('kubeloop_requests_total{code=~"5.."}') == []
+    assert problems('kubeloop_drift_breached{namespace="team-a"}') == []
+
+
+def test_the_metrics_the_rules_need_are_registered() -> None:
+    series = exported()
+    for name in (
+        "kubeloop_reconcile_total",
+        "kubeloop_drift_breached",
+        "kubeloop_retrains_total",
+        "kubeloop_requests_total",
+        "kubeloop_request_duration_seconds_bucket",
+        "kubeloop_request_log_dropped_rows_total",
+    ):
+        assert name in series, sorted(series)
+
+
+# --- the rules -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", rules(), ids=lambda r: r["alert"])
+def test_every_rule_reads_real_series(rule: dict[str, Any]) -> None:
+    assert problems(rule["expr"]) == [], rule["expr"]
+    assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+
+
+# Each alert, the series that make it fire (shaped like the real ones), and the labels it
+# fires with. promtool: "a+bxN" is a, a+b, ... N+1 samples one interval (1m) apart.
+CASES: list[tuple[str, list[tuple[str, str]], str, dict[str, str]]] = [
+    (
+        "KubeloopOperatorDown",
+        [('up{job="kubeloop",namespace="kubeloop-system"}', "0x20")],
+        "10m",
+        {},
+    ),
+    (
+        "KubeloopReconcileErrors",
+        [
+            ('kubeloop_reconcile_total{kind="ModelDeployment",result="error"}', "0+2x40"),
+            ('kubeloop_reconcile_total{kind="ModelDeployment",result="success"}', "0+50x40"),
+        ],
+        "30m",
+        {"kind": "ModelDeployment"},
+    ),
+    (
+        "KubeloopReconcileRetrying",
+        [
+            ('kubeloop_reconcile_total{kind="TrainingRun",result="retry"}', "0+10x60"),
+            ('kubeloop_reconcile_total{kind="TrainingRun",result="success"}', "0+1x60"),
+        ],
+        "55m",
+        {"kind": "TrainingRun"},
+    ),
+    (
+        "KubeloopDriftBreached",
+        [
+            (
+                'kubeloop_drift_breached{namespace="team-a",policy="churn",job="kubeloop"}',
+                "0 0 1 1 1",
+            )
+        ],
+        "4m",
+        {"namespace": "team-a", "policy": "churn"},
+    ),
+    (
+        "KubeloopRetrainStarted",
+        [('kubeloop_retrains_total{namespace="team-a",policy="churn"}', "0 0 0 1 1 1")],
+        "4m",
+        {"namespace": "team-a", "policy": "churn"},
+    ),
+    (
+        "KubeloopRetrainsFrequent",
+        [('kubeloop_retrains_total{namespace="team-a",policy="churn"}', "0+1x4 4+0x30")],
+        "30m",
+        {"namespace": "team-a", "policy": "churn"},
+    ),
+    (
+        "KubeloopServingErrors",
+        [
+            (
+                'kubeloop_requests_total{namespace="team-a",model="churn",version="3",code="200"}',
+                "0+90x30",
+            ),
+            (
+                'kubeloop_requests_total{namespace="team-a",model="churn",version="3",code="500"}',
+                "0+10x30",
+            ),
+        ],
+        "25m",
+        {"namespace": "team-a", "model": "churn", "version": "3"},
+    ),
+    (
+        "KubeloopServingSlow",
+        [
+            (
+                'kubeloop_request_duration_seconds_bucket{namespace="team-a",model="churn",version="3",le="1.0"}',
+                "0+1x30",
+            ),
+            (
+                'kubeloop_request_duration_seconds_bucket{namespace="team-a",model="churn",version="3",le="2.5"}',
+                "0+100x30",
+            ),
+            (
+                'kubeloop_request_duration_seconds_bucket{namespace="team-a",model="churn",version="3",le="+Inf"}',
+                "0+100x30",
+            ),
+        ],
+        "25m",
+        {"namespace": "team-a", "model": "churn", "version": "3"},
+    ),
+    (
+        "KubeloopRequestLogLosingRows",
+        [
+            (
+                'kubeloop_request_log_dropped_rows_total{namespace="team-a",model="churn",version="3",stream="predictions",reason="queue_full"}',
+                "0+5x30",
+            ),
+            # Dropped by configuration: not an alert.
+            (
+                'kubeloop_request_log_dropped_rows_total{namespace="team-b",model="churn",version="1",stream="predictions",reason="sampled_out"}',
+                "0+500x30",
+            ),
+        ],
+        "25m",
+        {"namespace": "team-a", "model": "churn", "reason": "queue_full"},
+    ),
+]
+
+
+def test_every_alert_has_a_case() -> None:
+    assert {r["alert"] for r in rules()} == {c[0] for c in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_the_cases_use_real_series(
+    case: tuple[str, list[tuple[str, str]], str, dict[str, str]],
+) -> None:
+    for series, _ in case[1]:
+        assert problems(series) == [], series
+
+
+UP = ('up{job="kubeloop",namespace="kubeloop-system"}', "1x90")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_the_alerts_fire(tmp_path: Path) -> None:
+    """One promtool test per alert: it fires on its series with the labels it should, and
+    every other alert stays quiet on them. The annotations are left out of the copy promtool
+    reads (it would compare their rendered text too)."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    for group in groups:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    rule_file = tmp_path / "rules.yaml"
+    rule_file.write_text(yaml.safe_dump({"groups": groups}))
+    names = {r["alert"] for r in rules()}
+    tests = []
+    for alert, series, at, labels in CASES:
+        severity = next(r for r in rules() if r["alert"] == alert)["labels"]["severity"]
+        expected = [{"exp_labels": {"severity": severity, **labels}}]
+        checks = [{"eval_time": at, "alertname": alert, "exp_alerts": expected}]
+        checks += [
+            {"eval_time": at, "alertname": other, "exp_alerts": []}
+            for other in sorted(names - {alert})
+        ]
+        inputs = series if alert == "KubeloopOperatorDown" else [UP, *series]
+        tests.append(
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in inputs],
+                "alert_rule_test": checks,
+            }
+        )
+    spec = tmp_path / "tests.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {"rule_files": [str(rule_file)], "evaluation_interval": "1m", "tests": tests}
+        )
+    )
+    out = subprocess.run(
+        ["promtool", "test", "rules", str(spec)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
