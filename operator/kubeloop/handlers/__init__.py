@@ -3,19 +3,19 @@ once (``daemon.py`` is the loop every daemon runs). Importing this package regis
 handler."""
 
 from kubeloop.handlers import (
-    admission,
     drift_policy,
     model_deployment,
     model_version,
     startup,
     training_run,
+    webhook,
 )
 
 __all__ = [
-    "admission",
     "drift_policy",
     "model_deployment",
     "model_version",
     "startup",
     "training_run",
+    "webhook",
 ]

@@ -1,7 +1,7 @@
 """The rules a resource's spec must meet that a schema cannot express: one list of refusals
 per kind, each naming the field.
 
-The admission webhook (``handlers.admission``) refuses a resource at ``kubectl apply`` with
+The admission webhook (``handlers.webhook``) refuses a resource at ``kubectl apply`` with
 these messages; every reconcile runs them again (defence in depth), so a cluster installed
 without the webhook refuses the same spec as ``Ready=False`` with the same words. What the
 models check when a body is parsed (bounds, durations of at least 1s, label keys, thresholds)
