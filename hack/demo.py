@@ -250,7 +250,7 @@ def door(env: Env, console: Console, docs: dict[str, dict[str, Any]]) -> None:
     ):
         if "denied the request" not in message:
             raise SystemExit(f"{what} was not refused at apply: {message!r}")
-        console.print(f"{what}: refused: {message[:240]}")
+        console.print(f"{what}: refused: {message[:320]}")
 
 
 def story(env: Env, console: Console) -> dict[str, float]:

@@ -227,7 +227,7 @@ class Kubectl:
         try:
             self.apply(doc)
         except RuntimeError as exc:
-            return str(exc).split(": ", 1)[-1]
+            return str(exc).split('STDIN": ', 1)[-1]  # after kubectl's "error when creating"
         return ""
 
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
