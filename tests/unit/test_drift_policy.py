@@ -419,3 +419,16 @@ def test_children_trimmed_from_the_record_are_not_adopted_again() -> None:
     run(pol, STABLE, 0, children=old)
     assert pol.status.retrains == []
     assert pol.status.retrain_count == 40
+
+
+def test_the_retrain_counter_exists_before_the_first_retrain() -> None:
+    # An alert on increase(kubeloop_retrains_total[10m]) sees the first retrain only if the
+    # series was there at 0 before it.
+    from prometheus_client import REGISTRY
+
+    from kubeloop.handlers.drift_policy import _export
+
+    p = policy()
+    labels = {"namespace": p.namespace, "policy": p.name}
+    _export(p, plan.Decision(p.status))
+    assert REGISTRY.get_sample_value("kubeloop_retrains_total", labels) is not None

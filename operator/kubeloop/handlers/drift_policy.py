@@ -177,6 +177,8 @@ async def reconcile_policy(
 def _export(policy: DriftPolicy, decision: plan.Decision) -> None:
     ns, name = policy.namespace, policy.name
     DRIFT_FIRING.labels(ns, name).set(1.0 if decision.firing else 0.0)
+    # The retrain counter exists at 0 from the first pass, so increase() sees the first retrain.
+    RETRAINS.labels(ns, name)
     for s in decision.status.signals:
         if s.value is not None and s.outcome != "Inconclusive":
             DRIFT_SIGNAL.labels(ns, name, s.name).set(s.value)
