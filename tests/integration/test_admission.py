@@ -306,16 +306,21 @@ async def test_without_the_webhook_the_operator_refuses_the_same_as_conditions(
     for _, obj, _field in cases:
         await apply(kube, namespace, obj)  # no webhook: the API server takes them
 
-    async def all_refused() -> list[str] | bool:
-        waiting = []
+    waiting: list[str] = []
+
+    async def all_refused() -> bool:
+        waiting.clear()
         for case, obj, field in cases:
             live = await kube.get(KINDS[obj["kind"]], namespace, obj["metadata"]["name"])
             ready = condition(live, "Ready") or {}
             if not (ready.get("status") == "False" and field in ready.get("message", "")):
                 waiting.append(f"{case}: {ready.get('reason')} {ready.get('message', '')[:80]}")
-        return waiting or True
+        return not waiting
 
-    assert await eventually(all_refused, within=90, what="every resource refused") is True
+    try:
+        await eventually(all_refused, within=90, what="every resource refused")
+    except AssertionError as exc:
+        raise AssertionError(f"not refused yet: {waiting}") from exc
     # Nothing ran for them: no pipeline run directory, no registered model, nothing served.
     runs = artifact_root / namespace / "runs"
     assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
