@@ -24,10 +24,8 @@ def training_run(ctx: Context, tr: TrainingRun) -> list[Refusal]:
     out = spec_rules.training_run(tr.spec, tr.namespace, policy)
     if out:
         return out
-    sources = [("spec.data.uri", tr.spec.data.uri)]
-    sources += [(f"spec.data.extra[{i}].uri", e.uri) for i, e in enumerate(tr.spec.data.extra)]
     allowed = policy.data_prefixes(tr.namespace)
-    for where, uri in sources:
+    for where, uri in spec_rules.data_sources(tr.spec):
         why = link_escape(uri, where, allowed)
         if why:
             out.append(Refusal(spec_rules.DATA_OUTSIDE_TENANT, why))

@@ -52,11 +52,15 @@ def _query(query: str, namespace: str, where: str) -> list[Refusal]:
     return []
 
 
+def data_sources(spec: TrainingRunSpec) -> list[tuple[str, str]]:
+    """Every data URI a run reads, with the field that names it."""
+    sources = [("spec.data.uri", spec.data.uri)]
+    return sources + [(f"spec.data.extra[{i}].uri", e.uri) for i, e in enumerate(spec.data.extra)]
+
+
 def training_run(spec: TrainingRunSpec, namespace: str, policy: tenancy.Policy) -> list[Refusal]:
     out: list[Refusal] = []
-    sources = [("spec.data.uri", spec.data.uri)]
-    sources += [(f"spec.data.extra[{i}].uri", e.uri) for i, e in enumerate(spec.data.extra)]
-    for where, uri in sources:
+    for where, uri in data_sources(spec):
         why = tenancy.data_uri_problem(uri, namespace, where, policy)
         if why:
             out.append(Refusal(DATA_OUTSIDE_TENANT, why))
