@@ -123,4 +123,22 @@ class Settings(BaseSettings):
     )
     backoff_base: float = Field(default=2.0, gt=0, description="First retry delay (seconds).")
     backoff_max: float = Field(default=120.0, gt=0, description="Longest retry delay (seconds).")
-    standalone: bool = Field(default=True, description="No kopf peering (single replica).")
+    standalone: bool = Field(
+        default=True,
+        description="No kopf peering (one replica). false: replicas peer through the kopf "
+        "peering object and only the oldest live one reconciles (the chart's setting).",
+    )
+    peering_name: str = Field(
+        default="kubeloop",
+        min_length=1,
+        max_length=63,
+        description="Name of the KopfPeering (namespaced mode) or ClusterKopfPeering object the "
+        "replicas share; it must exist (the chart creates it).",
+    )
+    peering_lifetime: int = Field(
+        default=15,
+        ge=2,
+        le=300,
+        description="Seconds a replica's keep-alive counts; a killed active replica is replaced "
+        "by a standby within about this long.",
+    )

@@ -27,8 +27,7 @@ from pydantic import BaseModel
 
 from kubeloop.api.base import Condition
 from kubeloop.backends.kube import Kind, KubeClient
-from kubeloop.handlers import errors, events
-from kubeloop.handlers.metrics import RECONCILE_SECONDS, RECONCILES
+from kubeloop.handlers import errors, events, metrics
 from kubeloop.planning.conditions import find, set_condition
 from kubeloop.reasons import INVALID_SPEC, READY
 
@@ -46,30 +45,37 @@ async def run(
     logger: kopf.Logger,
     reconcile_pass: Pass,
 ) -> None:
-    """Run ``reconcile_pass`` until the daemon is stopped."""
+    """Run ``reconcile_pass`` until the daemon is stopped; the resource's state series exist
+    while it runs."""
     failures = 0
-    while not stopped:
-        try:
-            with RECONCILE_SECONDS.labels(kind).time():
-                delay = await reconcile_pass()
-            if delay is not None:
-                RECONCILES.labels(kind, "success").inc()
-            failures = 0
-            wait = min(max(delay if delay is not None else POLL_S, MIN_WAIT_S), POLL_S)
-        except Exception as exc:
-            failure = errors.classify(exc)
-            RECONCILES.labels(kind, failure.result).inc()
-            failures += 1
-            # What will not heal by retrying waits for a spec change: look again now and then.
-            retryable = failure.retryable
-            wait = errors.backoff(failures - 1) if retryable else errors.INVALID_RECHECK_S
-            if failure.result == "error":
-                logger.exception("%s pass failed (retry in %.0fs)", kind, wait)
-            else:
-                logger.warning("%s pass failed (retry in %.0fs): %s", kind, wait, failure.message)
-            if failures == WARN_AFTER:
-                events.post(body, "Warning", failure.reason, failure.message)
-        await stopped.wait(wait)
+    try:
+        while not stopped:
+            try:
+                with metrics.RECONCILE_SECONDS.labels(kind).time():
+                    delay = await reconcile_pass()
+                if delay is not None:
+                    metrics.RECONCILES.labels(kind, "success").inc()
+                failures = 0
+                wait = min(max(delay if delay is not None else POLL_S, MIN_WAIT_S), POLL_S)
+            except Exception as exc:
+                failure = errors.classify(exc)
+                metrics.RECONCILES.labels(kind, failure.result).inc()
+                failures += 1
+                # What will not heal by retrying waits for a spec change: look again now and then.
+                retryable = failure.retryable
+                wait = errors.backoff(failures - 1) if retryable else errors.INVALID_RECHECK_S
+                if failure.result == "error":
+                    logger.exception("%s pass failed (retry in %.0fs)", kind, wait)
+                else:
+                    logger.warning(
+                        "%s pass failed (retry in %.0fs): %s", kind, wait, failure.message
+                    )
+                if failures == WARN_AFTER:
+                    events.post(body, "Warning", failure.reason, failure.message)
+            metrics.export_state(kind, body)
+            await stopped.wait(wait)
+    finally:
+        metrics.forget(kind, body)
 
 
 class Owner(Protocol):
@@ -164,11 +170,15 @@ async def write_status(
     """Write ``status`` in one patch when it differs from what ``resource`` shows (and keep it
     on ``resource``), then post the decided Events."""
     new = status.model_dump(by_alias=True, mode="json")
-    if new != resource.status.model_dump(by_alias=True, mode="json"):
+    old = resource.status.model_dump(by_alias=True, mode="json")
+    if new != old:
         await kube.patch(
             kind, resource.namespace, resource.name, {"status": new}, subresource="status"
         )
         resource.status = status
+        metrics.count_transitions(
+            type(resource).__name__, resource.namespace, resource.name, old, new
+        )
     body = resource.model_dump(by_alias=True, mode="json")
     for type_, reason, message in decided_events:
         events.post(body, type_, reason, message)

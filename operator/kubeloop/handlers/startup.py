@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,15 @@ def context(memo: Any) -> Context:
     return ctx
 
 
+_STARTED_NS = time.time_ns()
+
+
+def peering_priority(started_ns: int = _STARTED_NS) -> int:
+    """Higher for an older process: minus its start time in microseconds (ties between two
+    replicas started in the same microsecond would pause both; kopf says so in the log)."""
+    return -(started_ns // 1000)
+
+
 def configure_kopf(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubeloop.dev")
@@ -125,6 +135,16 @@ def configure_kopf(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     settings.posting.reporting_component = "kubeloop"
     settings.posting.reporting_instance = socket.gethostname()
     settings.peering.standalone = cfg.standalone
+    if not cfg.standalone:
+        # Mandatory: no peering object means no work, not two active replicas. The oldest
+        # replica has the highest priority, so a new pod (a rolling update, a rescheduled
+        # standby) waits until the active one leaves instead of taking over from it; kopf
+        # pauses every replica that sees a peer of higher priority (and, to be safe, of equal).
+        settings.peering.mandatory = True
+        settings.peering.name = cfg.peering_name
+        settings.peering.lifetime = cfg.peering_lifetime
+        settings.peering.priority = peering_priority()
+        settings.peering.stealth = True
     settings.networking.connect_timeout = 10
 
 
