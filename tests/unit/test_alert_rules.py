@@ -21,12 +21,13 @@ import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
-import kubeloop.handlers.metrics
 import kubeloop.serving.feedback
 import kubeloop.serving.metrics
 import kubeloop.serving.request_log  # noqa: F401  (registers its metrics)
 from kubeloop.api.crdgen import all_crds
+from kubeloop.api.training_run import TrainingRunStatus
 from kubeloop.contract import serving_metrics as contract
+from kubeloop.handlers import metrics
 from kubeloop.handlers.errors import Result
 from kubeloop.planning.promql import selectors
 from tests.conftest import ROOT
@@ -44,6 +45,11 @@ KINDS = {crd["spec"]["names"]["kind"] for crd in all_crds().values()}
 VALUES: dict[tuple[str, str], set[str]] = {
     ("kubeloop_reconcile_total", "result"): {"success", *get_args(Result)},
     ("kubeloop_reconcile_total", "kind"): KINDS,
+    ("kubeloop_training_run_phase", "phase"): set(
+        get_args(TrainingRunStatus.model_fields["phase"].annotation)
+    ),
+    ("kubeloop_rollouts_total", "result"): set(metrics.ROLLOUT_RESULTS),
+    ("kubeloop_retrain_outcomes_total", "outcome"): set(metrics.RETRAIN_ENDS),
     ("kubeloop_reconcile_duration_seconds_bucket", "kind"): KINDS,
     ("kubeloop_requests_total", "code"): {"200", "400", "500", "503"},
     ("kubeloop_request_log_dropped_rows_total", "reason"): set(contract.REQUEST_LOG_DROP_REASONS),
@@ -291,8 +297,198 @@ CASES: list[tuple[str, list[tuple[str, str]], str, dict[str, str]]] = [
 ]
 
 
+CASES += [
+    (
+        "KubeloopRetrainFailed",
+        [
+            (
+                'kubeloop_retrain_outcomes_total{namespace="team-a",policy="churn",outcome="GatesFailed"}',
+                "0 0 0 1 1 1",
+            )
+        ],
+        "4m",
+        {"namespace": "team-a", "policy": "churn", "outcome": "GatesFailed"},
+    ),
+    (
+        "KubeloopRetrainCapReached",
+        [
+            ('kubeloop_retrains_today{namespace="team-a",policy="churn"}', "3x30"),
+            ('kubeloop_retrains_daily_cap{namespace="team-a",policy="churn"}', "3x30"),
+            ('kubeloop_drift_breached{namespace="team-a",policy="churn"}', "1x30"),
+        ],
+        "15m",
+        {"namespace": "team-a", "policy": "churn"},
+    ),
+    (
+        "KubeloopRolloutRolledBack",
+        [
+            (
+                'kubeloop_rollouts_total{namespace="team-a",deployment="churn",result="RolledBack"}',
+                "0 0 0 1 1",
+            )
+        ],
+        "4m",
+        {"namespace": "team-a", "deployment": "churn"},
+    ),
+    (
+        "KubeloopTrainingRunFailed",
+        [
+            (
+                'kubeloop_training_run_phase{namespace="team-a",training_run="churn",phase="Failed"}',
+                "1x10",
+            )
+        ],
+        "5m",
+        {"namespace": "team-a", "training_run": "churn"},
+    ),
+]
+
+# Alerts that rightly fire on another alert's series: a spent cap matters while drift is breached.
+ALSO_FIRING = {"KubeloopRetrainCapReached": {"KubeloopDriftBreached"}}
+
+# Each alert, series that come close without meaning what it alerts on: it must stay quiet.
+QUIET: list[tuple[str, list[tuple[str, str]], str]] = [
+    (
+        "KubeloopOperatorDown",
+        [('up{job="kubeloop",namespace="kubeloop-system"}', "0x3 1x20")],
+        "10m",
+    ),
+    (  # one scrape down for less than `for`
+        "KubeloopOperatorDown",
+        [('up{job="kubeloop",namespace="kubeloop-system"}', "1x5 0x3 1x10")],
+        "9m",
+    ),
+    (
+        "KubeloopReconcileErrors",
+        [
+            ('kubeloop_reconcile_total{kind="ModelDeployment",result="error"}', "0+1x5 5+0x40"),
+            ('kubeloop_reconcile_total{kind="ModelDeployment",result="success"}', "0+50x45"),
+        ],
+        "40m",
+    ),
+    (  # half the passes retry: the rule wants most
+        "KubeloopReconcileRetrying",
+        [
+            ('kubeloop_reconcile_total{kind="TrainingRun",result="retry"}', "0+5x60"),
+            ('kubeloop_reconcile_total{kind="TrainingRun",result="success"}', "0+6x60"),
+        ],
+        "55m",
+    ),
+    (
+        "KubeloopDriftBreached",
+        [('kubeloop_drift_breached{namespace="team-a",policy="churn",job="kubeloop"}', "0x10")],
+        "8m",
+    ),
+    (  # the retrain was more than 10 minutes ago
+        "KubeloopRetrainStarted",
+        [('kubeloop_retrains_total{namespace="team-a",policy="churn"}', "0 1x30")],
+        "25m",
+    ),
+    (
+        "KubeloopRetrainsFrequent",
+        [('kubeloop_retrains_total{namespace="team-a",policy="churn"}', "0+1x2 2+0x30")],
+        "30m",
+    ),
+    (  # a promotion is the loop working
+        "KubeloopRetrainFailed",
+        [
+            (
+                'kubeloop_retrain_outcomes_total{namespace="team-a",policy="churn",outcome="Promoted"}',
+                "0 0 1 1 1",
+            ),
+            (
+                'kubeloop_retrain_outcomes_total{namespace="team-a",policy="churn",outcome="GatesFailed"}',
+                "0x5",
+            ),
+        ],
+        "4m",
+    ),
+    (  # cap spent but no breach: nothing waits for a retrain
+        "KubeloopRetrainCapReached",
+        [
+            ('kubeloop_retrains_today{namespace="team-a",policy="churn"}', "3x30"),
+            ('kubeloop_retrains_daily_cap{namespace="team-a",policy="churn"}', "3x30"),
+            ('kubeloop_drift_breached{namespace="team-a",policy="churn"}', "0x30"),
+        ],
+        "15m",
+    ),
+    (  # breached with the cap not spent: a retrain can start
+        "KubeloopRetrainCapReached",
+        [
+            ('kubeloop_retrains_today{namespace="team-a",policy="churn"}', "2x30"),
+            ('kubeloop_retrains_daily_cap{namespace="team-a",policy="churn"}', "3x30"),
+            ('kubeloop_drift_breached{namespace="team-a",policy="churn"}', "1x30"),
+        ],
+        "15m",
+    ),
+    (
+        "KubeloopRolloutRolledBack",
+        [
+            (
+                'kubeloop_rollouts_total{namespace="team-a",deployment="churn",result="Promoted"}',
+                "0 0 1 1 1",
+            ),
+            (
+                'kubeloop_rollouts_total{namespace="team-a",deployment="churn",result="RolledBack"}',
+                "0x5",
+            ),
+        ],
+        "4m",
+    ),
+    (
+        "KubeloopTrainingRunFailed",
+        [
+            (
+                'kubeloop_training_run_phase{namespace="team-a",training_run="churn",phase="Succeeded"}',
+                "1x10",
+            )
+        ],
+        "5m",
+    ),
+    (  # 2 % errors: under the 5 % the rule alerts on
+        "KubeloopServingErrors",
+        [
+            (
+                'kubeloop_requests_total{namespace="team-a",model="churn",version="3",code="200"}',
+                "0+98x30",
+            ),
+            (
+                'kubeloop_requests_total{namespace="team-a",model="churn",version="3",code="500"}',
+                "0+2x30",
+            ),
+        ],
+        "25m",
+    ),
+    (  # p99 under a second
+        "KubeloopServingSlow",
+        [
+            (
+                'kubeloop_request_duration_seconds_bucket{namespace="team-a",model="churn",version="3",le="0.5"}',
+                "0+100x30",
+            ),
+            (
+                'kubeloop_request_duration_seconds_bucket{namespace="team-a",model="churn",version="3",le="+Inf"}',
+                "0+100x30",
+            ),
+        ],
+        "25m",
+    ),
+    (  # drops by configuration
+        "KubeloopRequestLogLosingRows",
+        [
+            (
+                'kubeloop_request_log_dropped_rows_total{namespace="team-a",model="churn",version="3",stream="predictions",reason="over_cap"}',
+                "0+5x30",
+            )
+        ],
+        "25m",
+    ),
+]
+
+
 def test_every_alert_has_a_case() -> None:
     assert {r["alert"] for r in rules()} == {c[0] for c in CASES}
+    assert {r["alert"] for r in rules()} == {c[0] for c in QUIET}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
@@ -301,6 +497,25 @@ def test_the_cases_use_real_series(
 ) -> None:
     for series, _ in case[1]:
         assert problems(series) == [], series
+
+
+@pytest.mark.parametrize("case", QUIET, ids=lambda c: c[0])
+def test_the_quiet_cases_use_real_series(case: tuple[str, list[tuple[str, str]], str]) -> None:
+    for series, _ in case[1]:
+        assert problems(series) == [], series
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_checks_the_rules() -> None:
+    out = subprocess.run(
+        ["promtool", "check", "rules", str(RULES)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(rules())} rules found" in out.stdout, out.stdout
 
 
 UP = ('up{job="kubeloop",namespace="kubeloop-system"}', "1x90")
@@ -325,7 +540,7 @@ def test_the_alerts_fire(tmp_path: Path) -> None:
         checks = [{"eval_time": at, "alertname": alert, "exp_alerts": expected}]
         checks += [
             {"eval_time": at, "alertname": other, "exp_alerts": []}
-            for other in sorted(names - {alert})
+            for other in sorted(names - {alert} - ALSO_FIRING.get(alert, set()))
         ]
         inputs = series if alert == "KubeloopOperatorDown" else [UP, *series]
         tests.append(
@@ -333,6 +548,15 @@ def test_the_alerts_fire(tmp_path: Path) -> None:
                 "interval": "1m",
                 "input_series": [{"series": s, "values": v} for s, v in inputs],
                 "alert_rule_test": checks,
+            }
+        )
+    for alert, series, at in QUIET:
+        inputs = series if alert == "KubeloopOperatorDown" else [UP, *series]
+        tests.append(
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in inputs],
+                "alert_rule_test": [{"eval_time": at, "alertname": alert, "exp_alerts": []}],
             }
         )
     spec = tmp_path / "tests.yaml"
