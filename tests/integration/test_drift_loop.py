@@ -17,18 +17,21 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hack import demo_data, loop
+from hack import dashboard, demo_data, loop
+from hack import prometheus as prometheus_mod
 
 from kubeloop.contract.labels import (
     APPROVE_ANNOTATION,
     DRIFT_EVIDENCE_ANNOTATION,
     RETRAIN_REASON_ANNOTATION,
 )
-from tests.integration.conftest import LocalCluster, operator_process
+from tests.integration.conftest import LocalCluster, free_port, operator_process
 
 
 @pytest.fixture
@@ -40,16 +43,22 @@ def env(serving_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 class Operator:
     """The operator as a process that a test may kill and start again."""
 
-    def __init__(self, namespace: str, artifact_root: Path, log: Path) -> None:
+    def __init__(
+        self, namespace: str, artifact_root: Path, log: Path, *, metrics_port: int = 0
+    ) -> None:
         self.args = (namespace, artifact_root, log)
-        self.proc: subprocess.Popen[bytes] = operator_process(*self.args)
+        self.metrics_port = metrics_port
+        self.proc: subprocess.Popen[bytes] = self._start()
         self.kills = 0
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return operator_process(*self.args, metrics_port=self.metrics_port)
 
     def kill_and_restart(self) -> None:
         self.proc.send_signal(signal.SIGKILL)  # no graceful shutdown: mid-work
         self.proc.wait(10)
         self.kills += 1
-        self.proc = operator_process(*self.args)
+        self.proc = self._start()
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -57,6 +66,39 @@ class Operator:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def scrape_operator(prom: prometheus_mod.Prom, port: int) -> None:
+    """Prometheus scrapes the operator as the chart's ServiceMonitor does (job kubeloop; the
+    tenants' namespace on the drift, rollout and training series kept: honor_labels)."""
+    group = [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": "kubeloop"}}]
+    (prom.targets_dir / "kubeloop-operator.json").write_text(json.dumps(group))
+
+
+def prom_query(prom: prometheus_mod.Prom, expr: str) -> list[dict[str, Any]]:
+    url = f"{prom.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = json.load(resp)
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def assert_dashboard_has_data(prom: prometheus_mod.Prom, namespace: str) -> None:
+    """Every query of every panel of the chart's Grafana dashboard returns series after the
+    loop ran (Grafana's variables resolved as Grafana would: this namespace, 1m, 15m)."""
+    queries = [
+        (panel.title, dashboard.resolved(q.expr, namespace=namespace, rate="1m", range_="15m"))
+        for panel in dashboard.panels()
+        for q in panel.queries
+    ]
+
+    def empty() -> list[tuple[str, str]]:
+        return [(title, expr) for title, expr in queries if not prom_query(prom, expr)]
+
+    deadline = time.monotonic() + 60
+    while (missing := empty()) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert missing == [], missing
 
 
 def kubectl(crds: LocalCluster, namespace: str) -> loop.Kubectl:
@@ -141,11 +183,18 @@ def assert_rebaselined(k: loop.Kubectl, v2: str) -> dict[str, Any]:
 
 
 async def test_the_loop_retrains_once_and_canaries_the_better_model(
-    crds: LocalCluster, namespace: str, artifact_root: Path, env: Path, tmp_path: Path
+    crds: LocalCluster,
+    namespace: str,
+    artifact_root: Path,
+    env: Path,
+    prometheus: prometheus_mod.Prom,
+    tmp_path: Path,
 ) -> None:
     k = kubectl(crds, namespace)
     docs = loop.manifests(loop.write_training_data(artifact_root, namespace))
-    op = Operator(namespace, artifact_root, tmp_path / "operator.log")
+    port = free_port()
+    scrape_operator(prometheus, port)
+    op = Operator(namespace, artifact_root, tmp_path / "operator.log", metrics_port=port)
     traffic: loop.Traffic | None = None
     try:
         k.apply(docs["training"])
@@ -182,10 +231,12 @@ async def test_the_loop_retrains_once_and_canaries_the_better_model(
         op.kill_and_restart()  # during the canary
         loop.wait(lambda: loop.serving(k, v2), within=240, what=f"{v2} promoted")
         policy = assert_rebaselined(k, v2)
+        assert_dashboard_has_data(prometheus, namespace)
     finally:
         if traffic is not None:
             traffic.stopped.set()
         op.stop()
+        (prometheus.targets_dir / "kubeloop-operator.json").unlink(missing_ok=True)
     # Exactly one retrain, despite three kills of the operator mid-loop.
     assert [r["metadata"]["name"] for r in loop.retrain_runs(k)] == [run_name]
     assert policy["retrainCount"] == 1

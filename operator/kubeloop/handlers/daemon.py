@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, get_args
 
 import kopf
 import pydantic
@@ -48,6 +48,8 @@ async def run(
     """Run ``reconcile_pass`` until the daemon is stopped; the resource's state series exist
     while it runs."""
     failures = 0
+    for result in ("success", *get_args(errors.Result)):  # at 0 before the first of each
+        metrics.RECONCILES.labels(kind, result)
     try:
         while not stopped:
             try:

@@ -16,6 +16,8 @@ from typing import Any
 
 import prometheus_client
 
+from kubeloop.api.drift_policy import RetrainAction
+
 RECONCILES = prometheus_client.Counter(
     "kubeloop_reconcile_total", "Reconciliations by kind and result.", ["kind", "result"]
 )
@@ -97,6 +99,7 @@ TRAINING_GPUS = prometheus_client.Gauge(
     ["namespace", "training_run", "state"],
 )
 
+DEFAULT_DAILY_CAP = RetrainAction.model_fields["max_retrains_per_day"].default
 RETRAIN_ENDS = ("Promoted", "RolledBack", "GatesFailed", "Failed")
 ROLLOUT_RESULTS = ("Promoted", "RolledBack", "Aborted", "Superseded")
 
@@ -148,9 +151,8 @@ def export_state(kind: str, body: Mapping[str, Any]) -> None:
     elif kind == "DriftPolicy":
         _phase(POLICY_PHASE, "policy", ns, name, phase)
         RETRAINS_TODAY.labels(ns, name).set(int(status.get("retrainsToday") or 0))
-        cap = (spec.get("action") or {}).get("maxRetrainsPerDay")
-        if cap is not None:
-            RETRAINS_DAILY_CAP.labels(ns, name).set(int(cap))
+        cap = (spec.get("action") or {}).get("maxRetrainsPerDay", DEFAULT_DAILY_CAP)
+        RETRAINS_DAILY_CAP.labels(ns, name).set(int(cap))
         for outcome in RETRAIN_ENDS:
             RETRAIN_OUTCOMES.labels(ns, name, outcome)
 
