@@ -72,6 +72,10 @@ crds: venv ## regenerate crds/ and the chart's CRD templates from the models
 	@$(PY) -m kubeloop crds -o crds
 	@$(PY) -m hack.chart_crds
 
+.PHONY: dashboard
+dashboard: venv ## regenerate the chart's Grafana dashboard (charts/kubeloop/files/dashboard.json)
+	@$(PY) -m hack.dashboard
+
 .PHONY: crds-check
 crds-check: venv ## fail if crds/ or the chart differ from the models
 	@$(PY) -m hack.crds_check
