@@ -251,10 +251,13 @@ OPERATOR = (
         width=6,
     ),
     Panel(
-        "Operator replicas up",
-        "Replicas scraped (one reconciles, the others wait as standbys).",
-        (Query('sum(up{job="kubeloop"})', "up"),),
-        kind="stat",
+        "Replicas: up and active",
+        "Replicas scraped, and the resources each one reconciles: the active replica runs "
+        "them all, a standby none (kopf peering).",
+        (
+            Query('sum(up{job="kubeloop"})', "up"),
+            Query('sum by (instance) (kubeloop_daemons{job="kubeloop"})', "{{instance}}"),
+        ),
         width=6,
     ),
 )

@@ -60,14 +60,11 @@ def peered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peering: str) -> Ite
     LocalExecutor(state).stop_all()
 
 
-def reconciles(port: int) -> float:
-    """Total kubeloop_reconcile_total on one operator's /metrics."""
+def total(port: int, name: str) -> float:
+    """The sum of every series of ``name`` on one operator's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    return sum(
-        float(m.group(1))
-        for m in re.finditer(r"^kubeloop_reconcile_total\{[^}]*\} (\S+)$", text, re.M)
-    )
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
 
 
 def logged(log: Path, line: str) -> bool:
@@ -151,8 +148,10 @@ async def test_the_standby_takes_over_from_a_killed_operator_without_duplicates(
         )
         running = await wait_phase(kube, namespace, "ha", ("Running",), within=60)
         run_id = running["status"]["runId"]
-        assert reconciles(ports["a"]) > 0
-        assert reconciles(ports["b"]) == 0, "the standby reconciled while the active one ran"
+        assert total(ports["a"], "kubeloop_reconcile_total") > 0
+        assert total(ports["a"], "kubeloop_daemons") == 1  # the training run's
+        assert total(ports["b"], "kubeloop_reconcile_total") == 0, "the standby reconciled"
+        assert total(ports["b"], "kubeloop_daemons") == 0
 
         procs["a"].send_signal(signal.SIGKILL)  # mid-run: no goodbye in the peering object
         procs["a"].wait(10)
@@ -177,7 +176,8 @@ async def test_the_standby_takes_over_from_a_killed_operator_without_duplicates(
         assert takeover <= LIFETIME + 10, takeover
 
         await assert_finished_once(kube, namespace, peered, run_id, first + later)
-        assert reconciles(ports["b"]) > 0
+        assert total(ports["b"], "kubeloop_reconcile_total") > 0
+        assert total(ports["b"], "kubeloop_daemons") == 1
     finally:
         for proc in procs.values():
             if proc.poll() is None:

@@ -50,6 +50,7 @@ async def run(
     failures = 0
     for result in ("success", *get_args(errors.Result)):  # at 0 before the first of each
         metrics.RECONCILES.labels(kind, result)
+    metrics.DAEMONS.labels(kind).inc()
     try:
         while not stopped:
             try:
@@ -77,6 +78,7 @@ async def run(
             metrics.export_state(kind, body)
             await stopped.wait(wait)
     finally:
+        metrics.DAEMONS.labels(kind).dec()
         metrics.forget(kind, body)
 
 

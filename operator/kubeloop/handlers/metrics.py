@@ -28,6 +28,12 @@ RECONCILE_SECONDS = prometheus_client.Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
+DAEMONS = prometheus_client.Gauge(
+    "kubeloop_daemons",
+    "Resources this replica reconciles now, by kind (0 on a standby replica).",
+    ["kind"],
+)
+
 # DriftPolicy: what an alert rule on the loop needs (mode notify and retrain).
 DRIFT_FIRING = prometheus_client.Gauge(
     "kubeloop_drift_breached",
