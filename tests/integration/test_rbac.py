@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.integration.conftest import LocalCluster
-from tests.integration.test_chart import CHART, helm
+from tests.integration.test_chart_ha_tenants import CHART, helm
 
 RELEASE_NS = "kubeloop-system"
 SA = f"system:serviceaccount:{RELEASE_NS}:kubeloop"
@@ -111,6 +111,7 @@ def allowed(
 
 
 KL = "kubeloop.dev"
+KOPF = "kopf.dev"
 CRD = ("customresourcedefinitions", "apiextensions.k8s.io")
 
 
@@ -208,6 +209,40 @@ def test_server_side_apply_creates_with_the_granted_verbs(installed: Installed) 
         refused = cluster.kubectl(*args, "-n", UNWATCHED, input=manifest, check=False)
         assert refused.returncode != 0
         assert "forbidden" in refused.stderr
+
+
+# --- peering: how the replicas elect the active one -----------------------------------------
+
+
+@pytest.mark.parametrize("verb", ["list", "watch", "patch"])
+def test_the_operator_peers_through_its_peering_object(installed: Installed, verb: str) -> None:
+    """kopf lists and watches the peering object and merge-patches its keep-alive into it:
+    cluster-wide a ClusterKopfPeering, namespaced a KopfPeering in each watched namespace."""
+    cluster = installed.cluster
+    in_watched = allowed(cluster, SA, verb, "kopfpeerings", WATCHED, group=KOPF)
+    in_unwatched = allowed(cluster, SA, verb, "kopfpeerings", UNWATCHED, group=KOPF)
+    cluster_scoped = allowed(cluster, SA, verb, "clusterkopfpeerings", group=KOPF)
+    if installed.namespaced:
+        assert (in_watched, in_unwatched, cluster_scoped) == (True, False, False)
+    else:
+        assert (in_watched, in_unwatched, cluster_scoped) == (False, False, True)
+
+
+@pytest.mark.parametrize("verb", ["get", "create", "update", "delete", "deletecollection"])
+def test_the_operator_neither_makes_nor_removes_peering_objects(
+    installed: Installed, verb: str
+) -> None:
+    """The chart creates the objects; kopf never reads one by name, creates or deletes one."""
+    cluster = installed.cluster
+    assert allowed(cluster, SA, verb, "kopfpeerings", WATCHED, group=KOPF) is False
+    assert allowed(cluster, SA, verb, "clusterkopfpeerings", group=KOPF) is False
+
+
+def test_the_operator_writes_no_peering_status_subresource(installed: Installed) -> None:
+    """The CRDs have no status subresource: kopf patches the object, never <plural>/status."""
+    cluster = installed.cluster
+    namespaced = ("kopfpeerings", WATCHED) if installed.namespaced else ("clusterkopfpeerings", "")
+    assert allowed(cluster, SA, "patch", *namespaced, group=KOPF, subresource="status") is False
 
 
 # --- tenants ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kubeloop.backends.kube import Kind, KubeClient
 from tests.conftest import ROOT
@@ -43,7 +44,9 @@ METHOD_VERBS = {
 HTTP_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 # Receivers that are a KubeClient (``kube``, ``ctx.kube``, ``self._kube``).
 CLIENT_NAMES = {"kube", "_kube"}
-CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces"}
+CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "clusterkopfpeerings"}
+# kopf's peering CRDs as the chart installs them.
+PEERING_CRDS = ROOT / "charts" / "kubeloop" / "files" / "kopf-peering-crds.yaml"
 
 
 @dataclass
@@ -281,9 +284,41 @@ def served_resources() -> set[tuple[str, str]]:
     return served
 
 
+def peering_permissions(*, namespaced: bool) -> set[Permission]:
+    """What kopf's peering calls with the chart's settings (KUBELOOP_STANDALONE=false;
+    clusterwide exactly when no namespaces are watched). The resources are kopf's own choice
+    (``peering.guess_selectors``), kept to the kopf.dev group whose CRDs the chart installs (kopf
+    also uses its former group zalando.org when a cluster serves it). Each replica lists and
+    watches the object (orchestration.spawn_missing_peerings: ``queueing.watcher``) and writes
+    its keep-alive with ``patching.patch_obj``: a merge patch of the object itself, or of its
+    status subresource if the CRD declared one."""
+    from kopf._cogs.configs.configuration import OperatorSettings
+    from kopf._core.engines import peering
+
+    settings = OperatorSettings()
+    settings.peering.standalone = False
+    settings.peering.clusterwide = not namespaced
+    subresources = {
+        crd["spec"]["names"]["plural"]: version.get("subresources", {})
+        for crd in yaml.safe_load_all(PEERING_CRDS.read_text())
+        for version in crd["spec"]["versions"]
+    }
+    perms: set[Permission] = set()
+    for selector in peering.guess_selectors(settings):
+        if selector.group != "kopf.dev":
+            continue
+        plural = selector.plural or selector.any_name
+        assert isinstance(plural, str), f"unexpected {selector}"
+        assert plural in subresources, f"the chart has no CRD for {selector}"
+        patched = f"{plural}/status" if "status" in subresources[plural] else plural
+        perms |= {("kopf.dev", plural, "list"), ("kopf.dev", plural, "watch")}
+        perms.add(("kopf.dev", patched, "patch"))
+    return perms
+
+
 def kopf_permissions(*, namespaced: bool) -> set[Permission]:
-    """What kopf 1.45 itself calls, run as ``kubeloop operator`` runs it (standalone, annotations
-    for progress, the chart's webhook configuration)."""
+    """What kopf 1.45 itself calls, run as the chart runs ``kubeloop operator`` (peering on,
+    annotations for progress, the chart's webhook configuration)."""
     perms: set[Permission] = set()
     for group, plural in served_resources():
         # Watching (on.*, daemon, index): an initial list, then a watch stream.
@@ -306,8 +341,11 @@ def kopf_permissions(*, namespaced: bool) -> set[Permission]:
         # which exist (without the right it assumes they all do and warns); cluster-wide it
         # watches the resources across namespaces and never reads Namespace objects.
         perms |= {("", "namespaces", "list"), ("", "namespaces", "watch")}
-    # Not needed: peering (standalone=True: no kopf.dev (cluster)kopfpeerings), admission
-    # webhook configurations (settings.admission.managed unset: the chart ships them), Secrets.
+    # Peering: the replicas elect the active one (ClusterKopfPeering cluster-wide, KopfPeering
+    # in each watched namespace).
+    perms |= peering_permissions(namespaced=namespaced)
+    # Not needed: admission webhook configurations (settings.admission.managed unset: the chart
+    # ships them), Secrets, and nothing creates or deletes a peering object (the chart does).
     return perms
 
 
@@ -424,3 +462,50 @@ def test_nothing_used_is_a_secret_or_a_crd_write(namespaced: bool) -> None:
     assert not {p for p in used if p[1] == "secrets"}
     crd_verbs = {v for g, r, v in used if r == "customresourcedefinitions"}
     assert crd_verbs <= {"get", "list", "watch"}, crd_verbs
+
+
+# --- peering -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("namespaced", [False, True], ids=["cluster-wide", "namespaced"])
+def test_peering_needs_list_watch_and_patch_of_one_kind(namespaced: bool) -> None:
+    plural = "kopfpeerings" if namespaced else "clusterkopfpeerings"
+    assert peering_permissions(namespaced=namespaced) == {
+        ("kopf.dev", plural, "list"),
+        ("kopf.dev", plural, "watch"),
+        ("kopf.dev", plural, "patch"),  # no status subresource: the object itself
+    }
+
+
+def test_the_peering_crds_keep_status_free_form_without_a_subresource() -> None:
+    """kopf writes status.<identity> = {priority, lifetime, lastseen} and reads nothing else:
+    status must keep unknown fields, and without a status subresource its merge patch goes to
+    the object (a subresource would need patch on <plural>/status instead)."""
+    crds = {c["spec"]["names"]["kind"]: c for c in yaml.safe_load_all(PEERING_CRDS.read_text())}
+    assert {k: c["spec"]["scope"] for k, c in crds.items()} == {
+        "ClusterKopfPeering": "Cluster",
+        "KopfPeering": "Namespaced",
+    }
+    for crd in crds.values():
+        assert crd["spec"]["group"] == "kopf.dev"
+        (version,) = crd["spec"]["versions"]
+        assert version["name"] == "v1"
+        assert "subresources" not in version
+        status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status["x-kubernetes-preserve-unknown-fields"] is True
+
+
+def test_kopf_peering_writes_only_through_patch_obj() -> None:
+    """A kopf upgrade whose peering makes another kind of call fails here first."""
+    from kopf._core.engines import peering
+
+    tree = ast.parse(Path(inspect.getfile(peering)).read_text())
+    calls = {
+        ast.unparse(node.func)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id in {"api", "patching", "watching", "fetching", "creating"}
+    }
+    assert calls == {"patching.patch_obj"}, calls

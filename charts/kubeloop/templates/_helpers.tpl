@@ -67,21 +67,71 @@ Cluster-wide mode grants them in a ClusterRole; namespaced mode in a Role per wa
 - apiGroups: [serving.kserve.io]
   resources: [inferenceservices]
   verbs: [get, create, patch, delete]
+{{- if include "kubeloop.namespaced" . }}
+# Peering, per watched namespace: every replica lists and watches the namespace's KopfPeering
+# and merge-patches its own keep-alive into it (the CRD has no status subresource).
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [list, watch, patch]
+{{- end }}
 {{- end -}}
 
-{{- /* Cluster-scoped reads kopf needs, in every mode. */}}
+{{- /* Cluster-scoped rights kopf needs, in every mode. */}}
 {{- define "kubeloop.operatorClusterRules" -}}
 # kopf notices CRDs installed or removed after it started (it reads, never writes, them).
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
-{{- if .Values.operator.watchNamespaces }}
+{{- if include "kubeloop.namespaced" . }}
 # Given namespaces, kopf lists and watches them to learn which exist (names only).
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [list, watch]
+{{- else }}
+# Peering, cluster-wide: every replica lists and watches the ClusterKopfPeering and
+# merge-patches its own keep-alive into it (the CRD has no status subresource).
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [list, watch, patch]
 {{- end }}
 {{- end -}}
+
+{{- /*
+The namespaces the operator watches: operator.watchNamespaces plus every tenant's namespace,
+in that order without repeats (JSON; empty: the whole cluster). Everything that depends on the
+mode (settings, Roles, the webhook's selector, the peering objects) reads this.
+*/}}
+{{- define "kubeloop.watchNamespaces" -}}
+{{- $namespaces := list }}
+{{- if .Values.operator.watchNamespaces }}
+{{- $namespaces = .Values.operator.watchNamespaces }}
+{{- range .Values.tenants }}{{- $namespaces = append $namespaces .name }}{{- end }}
+{{- end }}
+{{- $unique := list }}
+{{- range $namespaces }}{{- if not (has . $unique) }}{{- $unique = append $unique . }}{{- end }}{{- end }}
+{{- toJson $unique -}}
+{{- end -}}
+
+{{- /* "true" when the operator watches given namespaces, "" when it watches the cluster. */}}
+{{- define "kubeloop.namespaced" -}}
+{{- if .Values.operator.watchNamespaces }}true{{ end -}}
+{{- end -}}
+
+{{- /* operator.dataAllowlist with each tenant's dataPrefixes added under its name (JSON). */}}
+{{- define "kubeloop.dataAllowlist" -}}
+{{- $allow := deepCopy (.Values.operator.dataAllowlist | default dict) }}
+{{- range .Values.tenants }}
+{{- if .dataPrefixes }}
+{{- $merged := concat (get $allow .name | default list) .dataPrefixes | uniq }}
+{{- $_ := set $allow .name $merged }}
+{{- end }}
+{{- end }}
+{{- toJson $allow -}}
+{{- end -}}
+
+{{- /* The aggregated tenant roles (rbac.yaml defines them, tenants.yaml binds them). */}}
+{{- define "kubeloop.viewRole" -}}kubeloop-view{{- end -}}
+{{- define "kubeloop.editRole" -}}kubeloop-edit{{- end -}}
 
 {{- /* The webhook Service's DNS name, which its certificate is issued for. */}}
 {{- define "kubeloop.webhookService" -}}{{ include "kubeloop.fullname" . }}-webhook{{- end -}}
