@@ -68,11 +68,14 @@ class Operator:
             self.proc.kill()
 
 
-def scrape_operator(prom: prometheus_mod.Prom, port: int) -> None:
-    """Prometheus scrapes the operator as the chart's ServiceMonitor does (job kubeloop; the
-    tenants' namespace on the drift, rollout and training series kept: honor_labels)."""
+def scrape_operator(prom: prometheus_mod.Prom) -> int:
+    """A metrics port for the operator, which Prometheus scrapes as the chart's ServiceMonitor
+    does (job kubeloop; the tenants' namespace on the drift, rollout and training series kept:
+    honor_labels)."""
+    port = free_port()
     group = [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": "kubeloop"}}]
     (prom.targets_dir / "kubeloop-operator.json").write_text(json.dumps(group))
+    return port
 
 
 def prom_query(prom: prometheus_mod.Prom, expr: str) -> list[dict[str, Any]]:
@@ -192,8 +195,7 @@ async def test_the_loop_retrains_once_and_canaries_the_better_model(
 ) -> None:
     k = kubectl(crds, namespace)
     docs = loop.manifests(loop.write_training_data(artifact_root, namespace))
-    port = free_port()
-    scrape_operator(prometheus, port)
+    port = scrape_operator(prometheus)
     op = Operator(namespace, artifact_root, tmp_path / "operator.log", metrics_port=port)
     traffic: loop.Traffic | None = None
     try:
