@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from hack.helm import Helm
 
 from kubeloop.planning import webhook
 from tests.conftest import ROOT
@@ -22,40 +23,20 @@ CHART = ROOT / "charts" / "kubeloop"
 SNAPSHOT = ROOT / "tests" / "snapshots" / "chart-default.yaml"
 
 
+# Installs, upgrades and uninstalls go through pyhelm3 (hack/helm.py). Lint and the renders stay
+# on the helm binary (with the same private Helm directories): pyhelm3 0.5.8 has no lint, and
+# its template passes no --kube-version (helm's default, v1.20, is below the chart's
+# kubeVersion), takes no --set, and returns parsed documents where the snapshot compares text.
 def helm(cluster: LocalCluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(cluster.bin_dir / "helm"), *args],
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=120,
-        env={
-            **os.environ,
-            "KUBECONFIG": str(cluster.kubeconfig),
-            "HELM_CACHE_HOME": "/tmp/kubeloop-helm/cache",
-            "HELM_CONFIG_HOME": "/tmp/kubeloop-helm/config",
-            "HELM_DATA_HOME": "/tmp/kubeloop-helm/data",
-        },
-    )
+    return Helm(cluster.kubeconfig, cluster.bin_dir).command(*args, check=check)
 
 
-def render(cluster: LocalCluster, *args: str) -> list[dict[str, Any]]:
-    out = helm(
-        cluster,
-        "template",
-        "kubeloop",
-        str(CHART),
-        "--kube-version",
-        "1.35.4",
-        "-n",
-        "kubeloop-system",
-        *args,
-    )
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+def render(cluster: LocalCluster, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return Helm(cluster.kubeconfig, cluster.bin_dir).template(values or {}, kube_version="1.35.4")
 
 
 def test_lint_is_clean(cluster: LocalCluster) -> None:
-    out = helm(cluster, "lint", "--strict", str(CHART))
+    out = Helm(cluster.kubeconfig, cluster.bin_dir).lint()
     assert "0 chart(s) failed" in out.stdout
 
 
@@ -106,7 +87,7 @@ def test_rbac_is_least_privilege(cluster: LocalCluster) -> None:
         "kubeloop-view",
         "kubeloop-edit",
     }
-    namespaced = render(cluster, "--set", "operator.watchNamespaces={team-a}")
+    namespaced = render(cluster, {"operator": {"watchNamespaces": ["team-a"]}})
     roles += [d for d in namespaced if d["kind"] in ("ClusterRole", "Role")]
     for role in roles:
         for rule in role["rules"]:
@@ -140,8 +121,8 @@ def test_operator_rbac_is_exactly_what_the_code_calls(
     """The operator's roles grant what the code and kopf call (tests/unit/test_rbac_usage.py
     derives it), nothing more and nothing less; namespaced, every namespaced right is in a
     Role in each watched namespace and only cluster-scoped reads are cluster-wide."""
-    args = ("--set", "operator.watchNamespaces={team-a,team-b}") if namespaced else ()
-    grants = _operator_grants(render(cluster, *args))
+    values = {"operator": {"watchNamespaces": ["team-a", "team-b"]}} if namespaced else {}
+    grants = _operator_grants(render(cluster, values))
     used = used_permissions(namespaced=namespaced)
     granted = set().union(*grants.values())
     assert granted == used, (
@@ -167,7 +148,7 @@ def _webhook_docs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_webhook_pieces(cluster: LocalCluster) -> None:
-    docs = render(cluster, "--set", "operator.watchNamespaces={team-b,team-a}")
+    docs = render(cluster, {"operator": {"watchNamespaces": ["team-b", "team-a"]}})
     pieces = _webhook_docs(docs)
     secret, service, config = (
         pieces["Secret"],
@@ -210,15 +191,13 @@ def test_webhook_pieces(cluster: LocalCluster) -> None:
 
     # Cluster-wide: no namespace selector; the policy and timeout follow the values.
     config = _webhook_docs(
-        render(
-            cluster, "--set", "webhook.failurePolicy=Ignore", "--set", "webhook.timeoutSeconds=5"
-        )
+        render(cluster, {"webhook": {"failurePolicy": "Ignore", "timeoutSeconds": 5}})
     )["ValidatingWebhookConfiguration"]
     assert all("namespaceSelector" not in w for w in config["webhooks"])
     assert {(w["failurePolicy"], w["timeoutSeconds"]) for w in config["webhooks"]} == {
         ("Ignore", 5)
     }
-    off = render(cluster, "--set", "webhook.enabled=false")
+    off = render(cluster, {"webhook": {"enabled": False}})
     assert not _webhook_docs(off)
     container = next(d for d in off if d["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"
@@ -262,21 +241,21 @@ def test_pod_is_restricted_and_crds_are_kept(cluster: LocalCluster) -> None:
     assert container["allowPrivilegeEscalation"] is False
     assert container["capabilities"] == {"drop": ["ALL"]}
     crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    assert len(crds) == 4
+    # kubeloop's four, and kopf's two peering CRDs (templates/kopf-peering-crds.yaml)
+    assert len([c for c in crds if c["spec"]["group"] == "kubeloop.dev"]) == 4
+    assert {c["spec"]["group"] for c in crds} == {"kubeloop.dev", "kopf.dev"}
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
     assert not [
         d
-        for d in render(cluster, "--set", "crds.enabled=false")
+        for d in render(cluster, {"crds": {"enabled": False}})
         if d["kind"] == "CustomResourceDefinition"
     ]
     extras = render(
         cluster,
-        "--set",
-        "networkPolicy.enabled=true",
-        "--set",
-        "metrics.serviceMonitor.enabled=true",
-        "--set",
-        "metrics.prometheusRule.enabled=true",
+        {
+            "networkPolicy": {"enabled": True},
+            "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+        },
     )
     assert {"NetworkPolicy", "ServiceMonitor", "PrometheusRule"} <= {d["kind"] for d in extras}
 
@@ -301,7 +280,7 @@ def _wait(check: Any, timeout: float = 60) -> Any:
     raise AssertionError("timed out")
 
 
-def test_install_into_the_api_server(crds: LocalCluster, tmp_path: Path) -> None:
+async def test_install_into_the_api_server(crds: LocalCluster, tmp_path: Path) -> None:
     """Installs for real (CRDs are already there, so crds.enabled=false) into a namespace that
     enforces the restricted Pod Security level; the real scheduler binds the pod to a kwok node."""
     cluster = crds
@@ -312,22 +291,20 @@ def test_install_into_the_api_server(crds: LocalCluster, tmp_path: Path) -> None
     )
     # Namespaced mode puts a Role in each watched namespace: they must exist first.
     cluster.kubectl("create", "namespace", "team-a", check=False)
-    install = (
-        "upgrade",
-        "--install",
-        "kubeloop",
-        str(CHART),
-        "-n",
-        ns,
-        "--set",
-        "crds.enabled=false",
-        "--set",
-        "operator.watchNamespaces={team-a}",
-        "--wait=false",
-    )
-    out = helm(cluster, *install)
-    assert "STATUS: deployed" in out.stdout
-    assert "kubectl create rolebinding kubeloop-edit" in out.stdout  # NOTES.txt
+    helm = Helm(cluster.kubeconfig, cluster.bin_dir)
+    values = {"crds": {"enabled": False}, "operator": {"watchNamespaces": ["team-a"]}}
+    try:
+        await _install_and_check(cluster, helm, ns, values)
+    finally:
+        await helm.uninstall("kubeloop", ns)
+
+
+async def _install_and_check(
+    cluster: LocalCluster, helm: Helm, ns: str, values: dict[str, Any]
+) -> None:
+    rev = await helm.install_or_upgrade("kubeloop", ns, values)
+    assert rev.status == "deployed"
+    assert "kubectl create rolebinding kubeloop-edit" in rev.notes  # NOTES.txt
 
     # An upgrade keeps the webhook's CA (lookup), so the caBundle still matches the mounted cert.
     def ca_bundle() -> tuple[str, str]:
@@ -346,7 +323,7 @@ def test_install_into_the_api_server(crds: LocalCluster, tmp_path: Path) -> None
     before = ca_bundle()
     assert before[0]
     assert before[0] == before[1]
-    helm(cluster, *install)
+    assert (await helm.install_or_upgrade("kubeloop", ns, values)).number == 2
     assert ca_bundle() == before
 
     def pod_created() -> str:
@@ -379,9 +356,3 @@ def test_install_into_the_api_server(crds: LocalCluster, tmp_path: Path) -> None
     )
     assert _wait(lambda: can("create", "trainingruns.kubeloop.dev", "-n", "team-a", who="alice"))
     assert not can("create", "trainingruns.kubeloop.dev", "-n", "team-b", who="alice")
-    helm(cluster, "uninstall", "kubeloop", "-n", ns)
-
-
-@pytest.fixture(autouse=True)
-def _helm_home() -> None:
-    Path("/tmp/kubeloop-helm").mkdir(exist_ok=True)
