@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kopf
 from kopf.testing import KopfRunner
 
 from kubeloop.backends.kube import (
@@ -69,6 +70,23 @@ async def ready(kube: KubeClient, namespace: str, name: str) -> dict[str, Any] |
     return obj if settled else None
 
 
+def api_writes(crds: LocalCluster, resources: set[str]) -> float:
+    """Write requests (POST/PUT/PATCH/DELETE) the API server answered so far on ``resources``
+    (its apiserver_request_total)."""
+    total = 0.0
+    for line in crds.kubectl("get", "--raw", "/metrics").stdout.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels, value = line.rsplit(" ", 1)
+        fields = dict(
+            part.split("=", 1) for part in labels[len("apiserver_request_total{") : -1].split(",")
+        )
+        verb, resource = fields.get("verb", "").strip('"'), fields.get("resource", "").strip('"')
+        if resource in resources and verb in {"POST", "PUT", "PATCH", "APPLY", "DELETE"}:
+            total += float(value)
+    return total
+
+
 async def reasons_of_events(kube: KubeClient, namespace: str, name: str) -> list[str]:
     items = await kube.list(EVENTS, namespace)
     return [e["reason"] for e in items if e["involvedObject"]["name"] == name]
@@ -114,7 +132,7 @@ async def test_becomes_ready_with_conditions_columns_and_events(
     index = await kube.get(CONFIGMAPS, namespace, "kubeloop-registry-iris")
     assert index["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
     events = await eventually(lambda: reasons_of_events(kube, namespace, "iris-v1"), what="events")
-    assert "Registered" in events
+    assert events == ["AliasClaimed"]  # becoming Ready is routine: no Event for it
 
     # Changing an alias re-reconciles; Ready's lastTransitionTime does not move.
     await kube.patch(MODEL_VERSIONS, namespace, "iris-v1", {"spec": {"aliases": ["latest"]}})
@@ -124,6 +142,70 @@ async def test_becomes_ready_with_conditions_columns_and_events(
     assert ready2 is not None
     assert ready2["observedGeneration"] == 2
     assert ready2["lastTransitionTime"] == ready_cond["lastTransitionTime"]
+
+
+async def test_a_version_costs_one_write_on_the_happy_path(
+    crds: LocalCluster,
+    kube: KubeClient,
+    namespace: str,
+    operator: KopfRunner,
+    artifact_root: Path,
+) -> None:
+    """kopf's record of the handled spec rides in the status write (no annotation patch), and
+    becoming Ready posts no Event: one operator write per version, and no second pass."""
+    models = [f"w{i:02d}" for i in range(20)]
+    uris = {m: write_artifact(artifact_root, namespace, m, 1) for m in models}
+    counted = {"modelversions", "events"}
+    before = api_writes(crds, counted)
+    await asyncio.gather(
+        *(kube.create(MODEL_VERSIONS, namespace, version(f"{m}-v1", m, 1, uris[m])) for m in models)
+    )
+    for m in models:
+        await eventually(functools.partial(ready, kube, namespace, f"{m}-v1"), what=f"{m} Ready")
+    await asyncio.sleep(3)  # a second pass, or an Event posted in the background, would show
+    writes = api_writes(crds, counted) - before - len(models)  # less the test's creates
+    assert writes == len(models), writes
+    obj = await get(kube, namespace, "w00-v1")
+    assert "kopf" not in json.dumps(obj["metadata"].get("annotations", {}))
+    assert "kubeloop.dev/last-handled-configuration" not in obj["metadata"].get("annotations", {})
+    assert json.loads(obj["status"]["kopf"]["last-handled-configuration"])["spec"]["version"] == 1
+
+
+async def test_an_older_operators_annotations_migrate_to_the_status(
+    kube: KubeClient, namespace: str, artifact_root: Path, tmp_path: Path
+) -> None:
+    """A version handled by an operator that kept kopf's state in annotations: the new one
+    reads it (no second creation), moves it into the status and removes the annotation."""
+    uri = write_artifact(artifact_root, namespace, "old", 1)
+    created = await kube.create(MODEL_VERSIONS, namespace, version("old-v1", "old", 1, uri))
+    legacy = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubeloop.dev", key="last-handled-configuration"
+    )
+    essence = legacy.build(body=kopf.Body(created))  # type: ignore[arg-type]
+    key = "kubeloop.dev/last-handled-configuration"
+    await kube.patch(
+        MODEL_VERSIONS,
+        namespace,
+        "old-v1",
+        {"metadata": {"annotations": {key: json.dumps(essence)}}},
+    )
+    proc = operator_process(namespace, artifact_root, tmp_path / "operator.log")
+    try:
+
+        async def migrated() -> dict[str, Any] | None:
+            obj = await get(kube, namespace, "old-v1")
+            kept = obj["metadata"].get("annotations", {})
+            done = "kopf" in (obj.get("status") or {}) and key not in kept
+            return obj if done else None
+
+        obj = await eventually(migrated, within=60, what="the annotation moved to the status")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert condition(obj, "Ready")["status"] == "True"  # type: ignore[index]
+    assert json.loads(obj["status"]["kopf"]["last-handled-configuration"]) == essence
+    log = (tmp_path / "operator.log").read_text()
+    assert "Creation is processed" not in log, "the migrated version was handled as new"
 
 
 async def test_artifact_outside_the_tenant_prefix_fails_with_a_reason(

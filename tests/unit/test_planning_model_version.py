@@ -77,7 +77,7 @@ def test_ready_plan_sets_conditions_aliases_and_events() -> None:
     assert ready is not None
     assert ready.status == "True"
     assert ready.observed_generation == 1
-    assert [e[1] for e in result.events] == [reasons.REGISTERED, reasons.ALIAS_CLAIMED]
+    assert [e[1] for e in result.events] == [reasons.ALIAS_CLAIMED]  # Ready is no Event
 
 
 def test_name_must_be_model_dash_v_version() -> None:

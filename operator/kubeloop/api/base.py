@@ -177,8 +177,25 @@ class Condition(ApiModel):
     )
 
 
+# kopf's own bookkeeping (the spec it last handled, the progress of retried handlers), kept in
+# the status so that one status write records a reconcile (annotations would be a second write
+# to the object). The operator's own status writes leave it out (exclude): only kopf writes it.
+KopfState = Annotated[
+    dict[str, Any],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "description": "kopf's state: the last handled spec and handler progress.",
+        }
+    ),
+]
+
+
 class StatusBase(ApiModel):
     """Fields every kind's status carries."""
+
+    kopf: KopfState = Field(default_factory=dict, exclude=True)
 
     observed_generation: int = Field(
         default=0, ge=0, description="The metadata.generation this status was computed from."

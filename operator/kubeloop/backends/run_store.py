@@ -5,15 +5,14 @@ the model, reports and plots into the attempt's run directory (``file://`` in lo
 tenant's ``s3://``/``gs://`` prefix on a cluster). The operator reads them the same way for
 every executor, through fsspec: ``file://`` needs nothing more, object stores need ``s3fs`` or
 ``gcsfs`` (the ``objectstore`` extra of the operator image) and the credentials of the
-operator's service account. All calls block: run them in a thread.
+operator's service account. All calls block: run them in a thread. fsspec is imported on first
+use, so an operator that only keeps a registry never loads it.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
-
-import fsspec
 
 from kubeloop.backends.executor import ExecutorError
 from kubeloop.contract.steps import EVALUATION_FILE, MANIFEST_FILE, MODEL_DIR, STEPS_DIR
@@ -27,6 +26,8 @@ class RunStore:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri.rstrip("/")
+        import fsspec  # only an operator that reads a run directory loads it (~15 MB)
+
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         except (ImportError, ValueError) as exc:  # e.g. s3fs missing from the image

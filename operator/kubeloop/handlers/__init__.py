@@ -4,6 +4,7 @@ handler."""
 
 from kubeloop.handlers import (
     drift_policy,
+    kopf_storage,
     model_deployment,
     model_version,
     startup,
@@ -13,6 +14,7 @@ from kubeloop.handlers import (
 
 __all__ = [
     "drift_policy",
+    "kopf_storage",
     "model_deployment",
     "model_version",
     "startup",

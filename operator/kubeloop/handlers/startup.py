@@ -23,7 +23,7 @@ from kubeloop.backends.registry_index import RegistryIndexWriter
 from kubeloop.backends.serving import ServingBackend
 from kubeloop.backends.serving_kserve import KServeBackend
 from kubeloop.backends.serving_local import LocalServingBackend
-from kubeloop.handlers import webhook_server
+from kubeloop.handlers import kopf_storage, webhook_server
 from kubeloop.planning import naming, tenancy
 from kubeloop.settings import Settings
 
@@ -124,10 +124,9 @@ def peering_priority(started_ns: int = _STARTED_NS) -> int:
 
 def configure_kopf(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubeloop.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubeloop.dev", key="last-handled-configuration"
-    )
+    # kopf's state in the status: one write per reconcile (handlers/kopf_storage.py).
+    settings.persistence.progress_storage = kopf_storage.MigratingProgressStorage()
+    settings.persistence.diffbase_storage = kopf_storage.MigratingDiffBaseStorage()
     settings.watching.server_timeout = cfg.watch_server_timeout
     settings.watching.client_timeout = cfg.watch_client_timeout
     # Our Events are explicit (kopf.event); only warnings from logs become Events.

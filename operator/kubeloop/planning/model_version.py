@@ -197,15 +197,10 @@ def plan_model_version(
         conds, reasons.DEGRADED, "False", reasons.RECONCILED, "", generation=gen, now=now
     )
     status.conditions = conds
+    # Becoming Ready is routine (the Ready condition says it; a TrainingRun posts its own
+    # Registered Event): an Event would be one more write per version. Alias moves change what
+    # is served, and are told.
     events = []
-    if mv.status.phase != "Ready":
-        events.append(
-            (
-                "Normal",
-                reasons.REGISTERED,
-                f"{mv.spec.model_name} v{mv.spec.version} registered ({message})",
-            )
-        )
     gained = sorted(set(status.aliases) - set(mv.status.aliases))
     if gained:
         events.append(

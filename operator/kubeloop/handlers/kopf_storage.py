@@ -1,0 +1,77 @@
+"""Where kopf keeps its own state: in the status (``status.kopf``), so that the happy path of a
+reconcile is one write — the status patch that carries both our status and kopf's record of the
+spec it handled. Annotations would be a second write, to the object itself, and a second watch
+event for it.
+
+Objects an older operator handled carry that state in ``kubeloop.dev/`` annotations: it is still
+read from there (so an upgrade neither re-runs a creation handler nor forgets a retry in
+flight), written to the status only, and the annotation is removed in the same pass. kopf
+writes its diff-base only when it handles a change, so an object that does not change after
+the upgrade is migrated when the operator resumes it (``migrate``, from a resume handler): once
+per object, the migration's one extra write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from kubeloop import GROUP, VERSION
+
+PREFIX = "kubeloop.dev"
+DIFFBASE_KEY = "last-handled-configuration"
+
+
+class MigratingDiffBaseStorage(kopf.MultiDiffBaseStorage):
+    """The last handled spec in ``status.kopf``, read from the annotation of older objects."""
+
+    def __init__(self) -> None:
+        self.status = kopf.StatusDiffBaseStorage(name="kopf")
+        self.legacy = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key=DIFFBASE_KEY)
+        super().__init__([self.status, self.legacy])
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        self.status.store(body=body, patch=patch, essence=essence)
+        annotations = body.metadata.annotations
+        for key in self.legacy.make_keys(self.legacy.key, body=body):
+            if key in annotations:
+                patch.metadata.annotations[key] = None
+
+
+def migrate(body: kopf.Body, patch: kopf.Patch) -> None:
+    """Move an older operator's diff-base annotation into ``status.kopf`` (no-op without one)."""
+    key = f"{PREFIX}/{DIFFBASE_KEY}"
+    legacy = body.metadata.annotations.get(key)
+    if legacy is None:
+        return
+    if "last-handled-configuration" not in (body.status.get("kopf") or {}):
+        patch.status.setdefault("kopf", {})["last-handled-configuration"] = legacy
+    patch.metadata.annotations[key] = None
+
+
+class MigratingProgressStorage(kopf.MultiProgressStorage):
+    """Handler progress (retries, started-at) in ``status.kopf.progress``; older records are
+    read from the annotations and dropped when the status takes them over."""
+
+    def __init__(self) -> None:
+        self.status = kopf.StatusProgressStorage(name="kopf")
+        self.legacy = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+        super().__init__([self.status, self.legacy])
+
+    def store(self, *, key: Any, record: Any, body: kopf.Body, patch: kopf.Patch) -> None:
+        self.status.store(key=key, record=record, body=body, patch=patch)
+        self.legacy.purge(key=key, body=body, patch=patch)
+
+    def touch(self, *, body: kopf.Body, patch: kopf.Patch, value: str | None) -> None:
+        self.status.touch(body=body, patch=patch, value=value)
+
+
+def _migrate_on_resume(plural: str) -> None:
+    @kopf.on.resume(GROUP, VERSION, plural, id="migrate-kopf-state")
+    async def migrate_kopf_state(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        migrate(body, patch)
+
+
+for _plural in ("trainingruns", "modelversions", "modeldeployments", "driftpolicies"):
+    _migrate_on_resume(_plural)
