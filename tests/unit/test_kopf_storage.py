@@ -71,3 +71,25 @@ def test_progress_goes_to_the_status_and_an_older_record_is_purged() -> None:
     storage.store(key=key, record={**record, "retries": 3}, body=old, patch=patch)
     assert patch["status"]["kopf"]["progress"][key]["retries"] == 3
     assert patch["metadata"]["annotations"] == {f"kubeloop.dev/{key}": None}
+
+
+def test_the_one_copy_build_equals_kopfs_own() -> None:
+    """The essence built once is the one kopf's storages build (so neither a resumed object
+    nor a migrated one looks changed)."""
+    rich = body(
+        {
+            LEGACY: json.dumps(ESSENCE),
+            "kubeloop.dev/approve": "true",
+            "kubectl.kubernetes.io/last-applied-configuration": "{}",
+            "team": "a",
+        },
+        {"kopf": {"last-handled-configuration": "{}"}, "phase": "Ready", "conditions": []},
+    )
+    rich["metadata"]["labels"] = {"app": "x"}
+    ours = MigratingDiffBaseStorage()
+    theirs = kopf.MultiDiffBaseStorage([ours.status, ours.legacy])
+    assert ours.build(body=rich) == theirs.build(body=rich)
+    progress = MigratingProgressStorage()
+    reference = kopf.MultiProgressStorage([progress.status, progress.legacy])
+    essence = ours.build(body=rich)
+    assert progress.clear(essence=essence) == reference.clear(essence=essence)

@@ -31,6 +31,23 @@ class MigratingDiffBaseStorage(kopf.MultiDiffBaseStorage):
         self.legacy = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key=DIFFBASE_KEY)
         super().__init__([self.status, self.legacy])
 
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        """The essence kopf compares (spec, labels, annotations), built once: kopf's own build
+        deep-copies the whole body, status included, and a list of storages builds it once per
+        storage (three copies per event, the largest CPU cost of a reconcile)."""
+        if extra_fields:  # handlers on status fields need it: the general way
+            return super().build(body=body, extra_fields=extra_fields)
+        # What kopf's build keeps of metadata is its labels and annotations: copying the rest
+        # (managedFields above all) and the status only to delete them is the waste.
+        meta = body.get("metadata", {})
+        kept = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+        slim = {k: v for k, v in body.items() if k not in ("status", "metadata")}
+        essence = self.status.build(body=kopf.Body({**slim, "metadata": kept}))  # type: ignore[arg-type]
+        legacy = set(self.legacy.make_keys(self.legacy.key, body=body))
+        self.legacy.remove_annotations(essence, legacy)
+        self.legacy.remove_empty_stanzas(essence)
+        return essence
+
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
         self.status.store(body=body, patch=patch, essence=essence)
         annotations = body.metadata.annotations
@@ -65,6 +82,15 @@ class MigratingProgressStorage(kopf.MultiProgressStorage):
 
     def touch(self, *, body: kopf.Body, patch: kopf.Patch, value: str | None) -> None:
         self.status.touch(body=body, patch=patch, value=value)
+
+    def clear(self, *, essence: Any) -> Any:
+        """The essence without either storage's fields, copied once (not once per storage)."""
+        essence = self.status.clear(essence=essence)
+        annotations = essence.get("metadata", {}).get("annotations", {})
+        ours = {key for key in annotations if key.startswith(f"{PREFIX}/")}
+        self.legacy.remove_annotations(essence, ours)
+        self.legacy.remove_empty_stanzas(essence)
+        return essence
 
 
 def _migrate_on_resume(plural: str) -> None:
