@@ -11,6 +11,7 @@ DRIFTED: Final = "Drifted"
 
 # Reasons.
 RECONCILED: Final = "Reconciled"
+RECOVERED: Final = "Recovered"  # Degraded=False after failures the daemon loop reported
 INVALID_SPEC: Final = "InvalidSpec"
 CROSS_NAMESPACE_REFERENCE: Final = "CrossNamespaceReference"
 ARTIFACT_NOT_FOUND: Final = "ArtifactNotFound"

@@ -151,3 +151,57 @@ def test_one_table_says_what_retries(exc: Exception, result: str) -> None:
     from kubeloop.handlers.errors import classify
 
     assert classify(exc).result == result
+
+
+class _FakeKube:
+    """The API at the boundary: records status patches and applies them to the live body, as
+    the watch would."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.patches: list[dict[str, Any]] = []
+
+    async def patch(
+        self, _kind: Any, _ns: str, _name: str, patch: dict[str, Any], **_: Any
+    ) -> None:
+        self.patches.append(patch)
+        self.body.setdefault("status", {}).update(patch["status"])
+
+
+async def test_a_fault_that_persists_is_a_degraded_condition_until_a_pass_succeeds(
+    posted: list[tuple[str, str, str]],
+) -> None:
+    from kubeloop.backends.kube import TRAINING_RUNS
+    from kubeloop.backends.prometheus import PrometheusUnavailable
+    from kubeloop.handlers import daemon
+
+    body: dict[str, Any] = {**BODY, "status": {"conditions": []}}
+    kube = _FakeKube(body)
+    down = PrometheusUnavailable("connection refused")
+    outcomes: list[Exception | float] = [down, down, down, down, 1.0, 1.0]
+
+    async def one_pass() -> float | None:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    await daemon.run(
+        "TrainingRun",
+        body,
+        _Stopped(passes=6),  # type: ignore[arg-type]
+        logging.getLogger("t"),
+        one_pass,
+        kube=kube,  # type: ignore[arg-type]
+        resource=TRAINING_RUNS,
+    )
+    marks = [
+        next(c for c in p["status"]["conditions"] if c["type"] == "Degraded") for p in kube.patches
+    ]
+    # Written when it turns (the third failure) and when it heals, not on every pass.
+    assert [(m["status"], m["reason"]) for m in marks] == [
+        ("True", "PrometheusUnavailable"),
+        ("False", "Recovered"),
+    ]
+    assert "connection refused" in marks[0]["message"]
+    assert posted == [("Warning", "PrometheusUnavailable", "connection refused")]

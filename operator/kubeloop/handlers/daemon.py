@@ -17,9 +17,10 @@ Warning Event once failures persist, and the reconcile metrics.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, TypeVar, get_args
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 import kopf
 import pydantic
@@ -29,7 +30,7 @@ from kubeloop.api.base import Condition
 from kubeloop.backends.kube import Kind, KubeClient
 from kubeloop.handlers import errors, events, metrics
 from kubeloop.planning.conditions import find, set_condition
-from kubeloop.reasons import INVALID_SPEC, READY
+from kubeloop.reasons import DEGRADED, INVALID_SPEC, READY, RECOVERED
 
 POLL_S = 2.0  # the longest a daemon waits before it looks at its (live) body again
 MIN_WAIT_S = 0.2
@@ -44,10 +45,16 @@ async def run(
     stopped: kopf.DaemonStopped,
     logger: kopf.Logger,
     reconcile_pass: Pass,
+    *,
+    kube: KubeClient | None = None,
+    resource: Kind | None = None,
 ) -> None:
     """Run ``reconcile_pass`` until the daemon is stopped; the resource's state series exist
-    while it runs."""
+    while it runs. With ``kube`` and ``resource``, failures that persist show on the resource
+    as ``Degraded=True`` with their reason (``ApiUnavailable``, ``PrometheusUnavailable``,
+    ``ExecutorUnavailable``, …) until a pass succeeds again."""
     failures = 0
+    degraded = ""  # the message of the Degraded condition this loop set (empty: none)
     for result in ("success", *get_args(errors.Result)):  # at 0 before the first of each
         metrics.RECONCILES.labels(kind, result)
     metrics.DAEMONS.labels(kind).inc()
@@ -60,6 +67,9 @@ async def run(
                     metrics.RECONCILES.labels(kind, "success").inc()
                 failures = 0
                 wait = min(max(delay if delay is not None else POLL_S, MIN_WAIT_S), POLL_S)
+                if degraded and kube is not None and resource is not None:
+                    await _clear_degraded(kube, resource, body, degraded)
+                    degraded = ""
             except Exception as exc:
                 failure = errors.classify(exc)
                 metrics.RECONCILES.labels(kind, failure.result).inc()
@@ -75,11 +85,69 @@ async def run(
                     )
                 if failures == WARN_AFTER:
                     events.post(body, "Warning", failure.reason, failure.message)
+                if failures >= WARN_AFTER and kube is not None and resource is not None:
+                    with contextlib.suppress(Exception):  # the API may be what is down
+                        degraded = await _mark_degraded(kube, resource, body, failure)
             metrics.export_state(kind, body)
             await stopped.wait(wait)
     finally:
         metrics.DAEMONS.labels(kind).dec()
         metrics.forget(kind, body)
+
+
+async def _mark_degraded(
+    kube: KubeClient, resource: Kind, body: Mapping[str, Any], failure: errors.Failure
+) -> str:
+    """Degraded=True with the failure's reason (written only when it changes); returns the
+    message the condition now holds."""
+    current = find(_conditions(body), DEGRADED)
+    if current is None or (current.status, current.reason) != ("True", failure.reason):
+        await _write_degraded(
+            kube, resource, body, value="True", reason=failure.reason, message=failure.message
+        )
+        return failure.message
+    return current.message
+
+
+async def _clear_degraded(
+    kube: KubeClient, resource: Kind, body: Mapping[str, Any], held: str
+) -> None:
+    """Degraded=False after a pass succeeded, if Degraded is still the one this loop set (the
+    plan may hold it for its own reasons, which are not this loop's to clear)."""
+    current = find(_conditions(body), DEGRADED)
+    if current is not None and current.status == "True" and current.message == held:
+        message = f"recovered from {current.reason}"
+        await _write_degraded(
+            kube, resource, body, value="False", reason=RECOVERED, message=message
+        )
+
+
+def _conditions(body: Mapping[str, Any]) -> list[Condition]:
+    return [Condition.model_validate(c) for c in (body.get("status") or {}).get("conditions") or []]
+
+
+async def _write_degraded(
+    kube: KubeClient,
+    resource: Kind,
+    body: Mapping[str, Any],
+    *,
+    value: Literal["True", "False"],
+    reason: str,
+    message: str,
+) -> None:
+    meta = body["metadata"]
+    conditions = set_condition(
+        _conditions(body),
+        DEGRADED,
+        value,
+        reason,
+        message,
+        generation=int(meta.get("generation") or 0),
+        now=dt.datetime.now(dt.UTC),
+    )
+    dumped = [c.model_dump(by_alias=True, mode="json") for c in conditions]
+    patch = {"status": {"conditions": dumped}}
+    await kube.patch(resource, meta["namespace"], meta["name"], patch, subresource="status")
 
 
 class Owner(Protocol):

@@ -214,4 +214,6 @@ async def run_policy(
             return daemon.POLL_S
         return await reconcile()
 
-    await daemon.run("DriftPolicy", body, stopped, logger, one_pass)
+    await daemon.run(
+        "DriftPolicy", body, stopped, logger, one_pass, kube=ctx.kube, resource=DRIFT_POLICIES
+    )

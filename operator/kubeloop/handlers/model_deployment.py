@@ -214,7 +214,15 @@ async def run_rollout(
             return daemon.POLL_S
         return await reconcile()
 
-    await daemon.run("ModelDeployment", body, stopped, logger, one_pass)
+    await daemon.run(
+        "ModelDeployment",
+        body,
+        stopped,
+        logger,
+        one_pass,
+        kube=ctx.kube,
+        resource=MODEL_DEPLOYMENTS,
+    )
 
 
 @kopf.on.delete(GROUP, VERSION, "modeldeployments")

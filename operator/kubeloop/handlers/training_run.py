@@ -219,7 +219,9 @@ async def run_training(
         memory.status = tr.status
         return delay
 
-    await daemon.run("TrainingRun", body, stopped, logger, one_pass)
+    await daemon.run(
+        "TrainingRun", body, stopped, logger, one_pass, kube=ctx.kube, resource=TRAINING_RUNS
+    )
 
 
 @kopf.on.delete(GROUP, VERSION, "trainingruns")
