@@ -275,11 +275,18 @@ async def test_good_resources_and_the_operators_own_writes_pass_the_webhook(
     await apply(kube, namespace, deployment("md", 'sum(rate(x{version="{{version}}"}[5m]))'))
     signals = [{"name": "psi", "type": "psi", "feature": "*", "threshold": 0.2}]
     await apply(kube, namespace, drift_policy("dp", signals))
-    # The operator's own writes to the version (kopf's annotation, the status) pass.
+    # The operator's own writes pass: the version's status (kopf's record of the handled spec
+    # rides in it), and the finalizer it puts on the deployment (an UPDATE of the object).
     mv = await eventually(
         lambda: _ready_version(kube, namespace, "m-v1"), within=60, what="m-v1 Ready"
     )
-    assert "kubeloop.dev/last-handled-configuration" in mv["metadata"]["annotations"]
+    assert "last-handled-configuration" in mv["status"]["kopf"]
+
+    async def finalized() -> bool:
+        md = await kube.get(MODEL_DEPLOYMENTS, namespace, "md")
+        return "kubeloop.dev/finalizer" in md["metadata"].get("finalizers", [])
+
+    await eventually(finalized, within=60, what="the deployment's finalizer")
     # A change of spec is judged again: an alias is fine, a query that escapes is not.
     await kube.patch(MODEL_VERSIONS, namespace, "m-v1", {"spec": {"aliases": ["latest"]}})
     escape = {"analysis": {"metrics": [{"name": "c", "query": 'x{namespace="b"}', "max": 1}]}}
