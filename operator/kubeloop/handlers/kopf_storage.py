@@ -56,15 +56,22 @@ class MigratingDiffBaseStorage(kopf.MultiDiffBaseStorage):
                 patch.metadata.annotations[key] = None
 
 
+MARKER = f"{PREFIX}/kopf-managed"  # what kopf's annotation storages mark their prefix with
+
+
 def migrate(body: kopf.Body, patch: kopf.Patch) -> None:
-    """Move an older operator's diff-base annotation into ``status.kopf`` (no-op without one)."""
+    """Move an older operator's diff-base annotation into ``status.kopf`` and drop kopf's
+    marker annotation with it (no-op without them). The essence never saw either (the progress
+    storage's ``clear`` leaves out every kubeloop.dev/ annotation), so nothing looks changed."""
+    annotations = body.metadata.annotations
     key = f"{PREFIX}/{DIFFBASE_KEY}"
-    legacy = body.metadata.annotations.get(key)
-    if legacy is None:
-        return
-    if "last-handled-configuration" not in (body.status.get("kopf") or {}):
-        patch.status.setdefault("kopf", {})["last-handled-configuration"] = legacy
-    patch.metadata.annotations[key] = None
+    legacy = annotations.get(key)
+    if legacy is not None:
+        if "last-handled-configuration" not in (body.status.get("kopf") or {}):
+            patch.status.setdefault("kopf", {})["last-handled-configuration"] = legacy
+        patch.metadata.annotations[key] = None
+    if MARKER in annotations:
+        patch.metadata.annotations[MARKER] = None
 
 
 class MigratingProgressStorage(kopf.MultiProgressStorage):
