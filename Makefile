@@ -117,6 +117,10 @@ bench: venv system-deps cluster-build ## benchmarks (bench/); each ends with a R
 	@$(PY) bench/drift_compute.py
 	@$(PY) bench/closed_loop.py
 
+.PHONY: chaos
+chaos: venv system-deps cluster-build ## chaos suite: ~1,000 objects while operator, API server, etcd, Prometheus fail (RESULT line)
+	@$(PY) bench/chaos.py
+
 .PHONY: clean
 clean: ## remove local build state (keeps the caches)
 	rm -rf .make .venv .pytest_cache .mypy_cache .ruff_cache

@@ -438,6 +438,27 @@ def down(state_dir: Path, *, purge: bool = False) -> None:
         subprocess.run(["rm", "-rf", str(state_dir)], check=True)
 
 
+def stop_component(state_dir: Path, name: str, *, grace_s: float = 0.0) -> None:
+    """Stop one component of the control plane (SIGKILL unless ``grace_s`` > 0: SIGTERM first);
+    its data stays. ``up(state_dir)`` starts it again with the same flags, ports and data, and
+    leaves the running ones alone (the chaos suite restarts the API server and etcd so)."""
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}: one of {', '.join(COMPONENTS)}")
+    pid_file = state_dir / f"{name}.pid"
+    if _pid_alive(pid_file):
+        stop_process_group(int(pid_file.read_text()), grace_s=grace_s)
+    pid_file.unlink(missing_ok=True)
+
+
+def restart_component(
+    state_dir: Path, name: str, *, down_s: float = 0.0, grace_s: float = 0.0, timeout: float = 120
+) -> Cluster:
+    """Stop one component, wait ``down_s``, and bring the control plane back (``up``)."""
+    stop_component(state_dir, name, grace_s=grace_s)
+    time.sleep(down_s)
+    return up(state_dir, timeout=timeout)
+
+
 def default_state_dir() -> Path:
     return Path(os.environ.get("KUBELOOP_CLUSTER_DIR", CACHE / "cluster"))
 
