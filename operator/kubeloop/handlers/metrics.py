@@ -130,11 +130,22 @@ _STATE: dict[str, tuple[tuple[Any, str], ...]] = {
 }
 
 
+# The phase each resource's gauge shows now: a pass that finds it unchanged touches nothing
+# (removing by labels scans every series of the gauge, and every daemon passes each 2 s).
+_SHOWN: dict[tuple[str, str, str], str] = {}
+
+
 def _phase(gauge: prometheus_client.Gauge, label: str, ns: str, name: str, phase: str) -> None:
     """One series at 1 for the current phase; the previous phase's series goes."""
-    gauge.remove_by_labels({"namespace": ns, label: name})
+    key = (label, ns, name)
+    if _SHOWN.get(key) == phase:
+        return
+    previous = _SHOWN.pop(key, "")
+    if previous:
+        gauge.remove(ns, name, previous)
     if phase:
         gauge.labels(ns, name, phase).set(1)
+        _SHOWN[key] = phase
 
 
 def export_state(kind: str, body: Mapping[str, Any]) -> None:
@@ -190,3 +201,4 @@ def forget(kind: str, body: Mapping[str, Any]) -> None:
     ns, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
     for metric, label in _STATE.get(kind, ()):
         metric.remove_by_labels({"namespace": ns, label: name})
+        _SHOWN.pop((label, ns, name), None)
