@@ -75,7 +75,11 @@ def _free_port() -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Whether Prometheus could listen on ``port`` again: Go's listeners set SO_REUSEADDR, so a
+    port whose last connections linger in TIME_WAIT is free to it, and the check does the same
+    (without it, a restarted Prometheus almost always moved to another port)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -101,6 +101,7 @@ class ProxyStats:
             "withheld_events": self.withheld_events,
             "cut_streams": self.cut_streams,
             "silences": [list(s) for s in self.silences],
+            "refused": sorted({f"{method} {path}" for _, method, path in self.refused}),
         }
 
 

@@ -2,15 +2,18 @@
 
 Registering a burst of versions (a tuning sweep, a bulk import) changes one model's index many
 times within milliseconds; writing it once per burst instead of once per version keeps the
-operator's API traffic close to one status write per version.
+operator's API traffic close to one status write per version. An index that already says what
+it should is not written again: a restart resumes every version, and each would otherwise
+rewrite its model's index (one read per model instead, then nothing while it stays current).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-from kubeloop.backends.kube import CONFIGMAPS, ApiError, KubeClient
+from kubeloop.backends.kube import CONFIGMAPS, ApiError, KubeClient, NotFound
 from kubeloop.backends.registry import VersionIndex
 from kubeloop.planning.model_version import VersionEntry, build_registry_index
 
@@ -18,11 +21,12 @@ log = logging.getLogger("kubeloop.registry")
 
 
 class RegistryIndexWriter:
-    def __init__(self, kube: KubeClient, *, delay: float = 0.3, attempts: int = 5) -> None:
+    def __init__(self, kube: KubeClient, *, delay: float = 1.0, attempts: int = 5) -> None:
         self._kube = kube
         self._delay = delay
         self._attempts = attempts
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._written: dict[tuple[str, str], tuple[Any, ...]] = {}  # what each index says
 
     def schedule(self, namespace: str, model: str, index: VersionIndex) -> None:
         """Write the index of ``model`` soon, from the versions ``index`` holds then; calls
@@ -42,9 +46,15 @@ class RegistryIndexWriter:
             if not entries:
                 return  # garbage collection removes the index with its last owner
             try:
-                await self._kube.apply(
-                    CONFIGMAPS, namespace, build_registry_index(model, namespace, entries)
-                )
+                desired = build_registry_index(model, namespace, entries)
+                said = _says(desired)
+                if self._written.get(key) == said or (
+                    key not in self._written and await self._live_says(namespace, desired) == said
+                ):
+                    self._written[key] = said
+                    return
+                await self._kube.apply(CONFIGMAPS, namespace, desired)
+                self._written[key] = said
                 return
             except (ApiError, OSError, TimeoutError) as exc:
                 log.warning(
@@ -53,7 +63,22 @@ class RegistryIndexWriter:
                 await asyncio.sleep(self._delay * 2**attempt)
         log.error("gave up writing the index of %s/%s", namespace, model)
 
+    async def _live_says(self, namespace: str, desired: dict[str, Any]) -> tuple[Any, ...]:
+        try:
+            live = await self._kube.get(CONFIGMAPS, namespace, desired["metadata"]["name"])
+        except NotFound:
+            return ()
+        return _says(live)
+
     async def flush(self) -> None:
         """Wait for every scheduled write (tests and shutdown)."""
         while self._pending:
             await asyncio.gather(*list(self._pending.values()), return_exceptions=True)
+
+
+def _says(configmap: dict[str, Any]) -> tuple[Any, ...]:
+    """What of an index ConfigMap the writer decides: its data, labels and owners."""
+    meta = configmap.get("metadata", {})
+    owners = sorted(o.get("uid", "") for o in meta.get("ownerReferences") or [])
+    labels = sorted((meta.get("labels") or {}).items())
+    return (configmap.get("data") or {}, labels, owners)

@@ -31,7 +31,7 @@ from kubeloop.backends.kube import (
 )
 from kubeloop.backends.registry import Registry
 from kubeloop.contract.labels import DRIFT_POLICY_LABEL
-from kubeloop.handlers import daemon, refusals
+from kubeloop.handlers import daemon, errors, refusals
 from kubeloop.handlers.metrics import DRIFT_FIRING, DRIFT_SIGNAL, DRIFT_THRESHOLD, RETRAINS
 from kubeloop.handlers.startup import Context, context
 from kubeloop.planning import drift_policy as plan
@@ -163,15 +163,35 @@ async def reconcile_policy(
     seen = await observe(ctx, registry, policy, now)
     decision = plan.plan(policy, seen)
     if decision.create is not None:
-        # Conflict: created by a pass before a restart; it carries our label and is adopted.
-        with contextlib.suppress(Conflict):
-            await ctx.kube.create(TRAINING_RUNS, policy.namespace, decision.create)
+        await _create_retrain(ctx, policy, decision.create)
         RETRAINS.labels(policy.namespace, policy.name).inc()
     _export(policy, decision)
     await daemon.write_status(ctx.kube, DRIFT_POLICIES, policy, decision.status, decision.events)
     for _type, reason, message in decision.events:
         logger.info("%s: %s", reason, message)
     return decision.requeue_after
+
+
+async def _create_retrain(ctx: Context, policy: DriftPolicy, body: dict[str, Any]) -> None:
+    """Create the retrain. A 409 is adopted only when the object of that name exists and is
+    this policy's (created by a pass before a restart). Any other 409 — a refused write, or
+    the name taken by something else — fails the pass, which retries with backoff: recording
+    a refused create as started would find the retrain "gone" later and retrain the same
+    breach again."""
+    name = body["metadata"]["name"]
+    try:
+        await ctx.kube.create(TRAINING_RUNS, policy.namespace, body)
+    except Conflict as refused:
+        try:
+            existing = await ctx.kube.get(TRAINING_RUNS, policy.namespace, name)
+        except NotFound:
+            raise refused from None  # the 409 refused the create itself: nothing to adopt
+        labels = existing.get("metadata", {}).get("labels") or {}
+        if labels.get(DRIFT_POLICY_LABEL) != policy.name:
+            raise errors.InvalidSpec(
+                "spec.action",
+                f"the retrain's name {name} is taken by a TrainingRun this policy did not create",
+            ) from None
 
 
 def _export(policy: DriftPolicy, decision: plan.Decision) -> None:

@@ -100,8 +100,17 @@ class MigratingProgressStorage(kopf.MultiProgressStorage):
         return essence
 
 
+def legacy_state(body: kopf.Body, **_: Any) -> bool:
+    """Whether an older operator's state is still on the object. The migration handler is
+    filtered by it, so an object with nothing to migrate has one resume handler, not two: kopf
+    runs one handler per cycle and records its progress between them, which on every restart
+    was a write to every object (two, with the purge)."""
+    annotations = body.metadata.annotations
+    return MARKER in annotations or f"{PREFIX}/{DIFFBASE_KEY}" in annotations
+
+
 def _migrate_on_resume(plural: str) -> None:
-    @kopf.on.resume(GROUP, VERSION, plural, id="migrate-kopf-state")
+    @kopf.on.resume(GROUP, VERSION, plural, id="migrate-kopf-state", when=legacy_state)
     async def migrate_kopf_state(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         migrate(body, patch)
 

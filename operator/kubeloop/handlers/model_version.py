@@ -97,6 +97,7 @@ async def reconcile_model_version(
     **_: Any,
 ) -> None:
     mv = ModelVersion.parse(body)
+    shown = mv.status.model_dump(by_alias=True, mode="json")
     ctx = context(memo)
     ns = mv.namespace
     refused = await asyncio.to_thread(refusals.model_version, ctx, mv)
@@ -120,7 +121,10 @@ async def reconcile_model_version(
         result.events += [("Normal", reasons.ALIAS_MOVED, m) for m in moved]
     ctx.index_writer.schedule(ns, mv.spec.model_name, versions_by_model)
 
-    patch.status.update(result.status.model_dump(by_alias=True, mode="json"))
+    # Only what changed: a resumed version that is already right patches nothing (kopf then
+    # writes nothing at all), so a restart costs no write per version.
+    decided = result.status.model_dump(by_alias=True, mode="json")
+    patch.status.update({k: v for k, v in decided.items() if shown.get(k) != v})
     for type_, reason, message in result.events:
         events.post(body, type_, reason, message)
     if result.problem is not None:

@@ -4,6 +4,7 @@ client, the backends, locks), kept in kopf's memo rather than in module globals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -23,7 +24,7 @@ from kubeloop.backends.registry_index import RegistryIndexWriter
 from kubeloop.backends.serving import ServingBackend
 from kubeloop.backends.serving_kserve import KServeBackend
 from kubeloop.backends.serving_local import LocalServingBackend
-from kubeloop.handlers import kopf_storage, webhook_server
+from kubeloop.handlers import kopf_patching, kopf_storage, webhook_server
 from kubeloop.planning import naming, tenancy
 from kubeloop.settings import Settings
 
@@ -123,6 +124,7 @@ def peering_priority(started_ns: int = _STARTED_NS) -> int:
 
 
 def configure_kopf(settings: kopf.OperatorSettings, cfg: Settings) -> None:
+    kopf_patching.install()  # kopf's own patches retried on 409 (handlers/kopf_patching.py)
     settings.persistence.finalizer = FINALIZER
     # kopf's state in the status: one write per reconcile (handlers/kopf_storage.py).
     settings.persistence.progress_storage = kopf_storage.MigratingProgressStorage()
@@ -185,4 +187,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         if registration is not None:
             registration.cancel()
             await webhook_server.unregister(ctx.kube, ctx.settings)
+        # Index writes still waiting out their coalescing delay are made, not dropped (a
+        # SIGKILLed operator's are redone by the next one's resume: each version reschedules).
+        with contextlib.suppress(TimeoutError):  # the API may be what is gone
+            await asyncio.wait_for(ctx.index_writer.flush(), timeout=10)
         await ctx.kube.close()
