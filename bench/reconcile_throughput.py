@@ -36,6 +36,7 @@ from hack.cluster import cluster as cluster_mod  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 STATE = cluster_mod.CACHE / "cluster-bench"
+BASE_COUNT = 1000  # the size the targets are set at
 
 
 def manifest(i: int) -> dict[str, Any]:
@@ -250,7 +251,7 @@ async def run(count: int, concurrency: int, kubectl: Path) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--objects", "--count", dest="count", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="runs; medians are reported")
     args = parser.parse_args()
@@ -260,9 +261,17 @@ def main() -> int:
     cluster = cluster_mod.up(STATE, with_kwok=False)
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
     cluster_mod.install_crds(cluster, ROOT / "crds")
+    # A scale run (more than 1,000 objects) measures 1,000 first, on the same server, so that
+    # the growth of latency and memory is read from one run.
+    scale = args.count > BASE_COUNT
     try:
-        asyncio.run(warm_up(args.count, args.concurrency))
+        asyncio.run(warm_up(min(args.count, BASE_COUNT), args.concurrency))
         kubectl = cluster.bin_dir / "kubectl"
+        base = (
+            [asyncio.run(run(BASE_COUNT, args.concurrency, kubectl)) for _ in range(args.repeats)]
+            if scale
+            else []
+        )
         runs = [
             asyncio.run(run(args.count, args.concurrency, kubectl)) for _ in range(args.repeats)
         ]
@@ -270,9 +279,32 @@ def main() -> int:
         cluster_mod.down(STATE, purge=True)
     keys = runs[0].keys()
     median = {k: statistics.median(r[k] for r in runs) for k in keys}
-    (RESULTS / "reconcile_throughput.json").write_text(
-        json.dumps({"runs": runs, "median": median}, indent=2)
+    name = "reconcile_throughput" + (f"-{args.count}" if args.count != BASE_COUNT else "")
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"runs": runs, "median": median, "base_runs": base}, indent=2)
     )
+    growth: dict[str, float] = {}
+    if scale:
+        at_base = {k: statistics.median(r[k] for r in base) for k in keys}
+        growth = {
+            "latency_p50_growth": median["latency_p50_s"] / at_base["latency_p50_s"],
+            "latency_p99_growth": median["latency_p99_s"] / at_base["latency_p99_s"],
+            "rss_growth": median["operator_peak_rss_mb"] / at_base["operator_peak_rss_mb"],
+            "rss_kb_per_extra_object": (
+                (median["operator_peak_rss_mb"] - at_base["operator_peak_rss_mb"])
+                * 1024
+                / (args.count - BASE_COUNT)
+            ),
+            "throughput_growth": median["operator_ready_per_s"] / at_base["operator_ready_per_s"],
+        }
+        print(
+            f"from {BASE_COUNT} to {args.count} objects (same server, this run): latency p50 "
+            f"x{growth['latency_p50_growth']:.2f}, p99 x{growth['latency_p99_growth']:.2f}, "
+            f"peak RSS {at_base['operator_peak_rss_mb']:.0f} → "
+            f"{median['operator_peak_rss_mb']:.0f} MB "
+            f"({growth['rss_kb_per_extra_object']:.1f} kB per extra object), throughput "
+            f"x{growth['throughput_growth']:.2f}"
+        )
     print(f"objects={args.count} concurrency={args.concurrency} repeats={args.repeats}")
     print(f"baseline raw API create rate   {median['raw_create_per_s']:8.1f} obj/s")
     print(f"baseline create + status write {median['create_plus_status_per_s']:8.1f} obj/s")
@@ -291,7 +323,7 @@ def main() -> int:
         f"kube-apiserver+etcd {median['apiserver_etcd_cpu_s']:.1f} s (2 cores shared)"
     )
     print(
-        f"operator peak RSS              {median['operator_peak_rss_mb']:8.1f} MB (target ≤ 150 MB)"
+        f"operator peak RSS              {median['operator_peak_rss_mb']:8.1f} MB (target ≤ 120 MB)"
     )
     print(
         "RESULT "
@@ -309,6 +341,7 @@ def main() -> int:
                 "operator_peak_rss_mb",
             )
         )
+        + "".join(f" {k}={v:.4g}" for k, v in growth.items())
     )
     return 0
 

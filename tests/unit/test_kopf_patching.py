@@ -73,3 +73,25 @@ def test_install_wraps_the_function_kopfs_patching_calls_once() -> None:
         assert wrapped.__wrapped__ is shipped
     finally:
         kopf_api.patch = original
+
+
+def test_at_most_in_flight_patches_are_sent_at_once() -> None:
+    """A burst of objects patches at the same moment; the API server sees a bounded number
+    of requests (and connections) at a time, and every patch is still sent."""
+    under_way = peak = 0
+
+    async def patch(**_: Any) -> dict[str, Any]:
+        nonlocal under_way, peak
+        under_way += 1
+        peak = max(peak, under_way)
+        await asyncio.sleep(0.01)
+        under_way -= 1
+        return {}
+
+    send = kopf_patching.retrying(patch, delays=(), in_flight=4)
+
+    async def burst() -> list[Any]:
+        return await asyncio.gather(*(send(url=f"/{i}") for i in range(40)))
+
+    assert asyncio.run(burst()) == [{}] * 40
+    assert peak == 4

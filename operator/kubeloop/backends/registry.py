@@ -28,6 +28,9 @@ ALLOCATION_ATTEMPTS = 5
 def index_versions(body: Mapping[str, Any]) -> dict[ModelKey, ModelVersion]:
     """The kopf index function: every version under (namespace, model name). A body that is
     not a valid ModelVersion is left out (its own handler reports it)."""
+    status = body.get("status") or {}
+    if "kopf" in status:  # kopf's copy of the spec it handled: nothing the registry reads
+        body = {**body, "status": {k: v for k, v in status.items() if k != "kopf"}}
     try:
         mv = ModelVersion.parse(body)
     except ValueError:

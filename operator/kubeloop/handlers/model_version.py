@@ -26,9 +26,11 @@ Index = kopf.Index[ModelKey, ModelVersion]
 
 
 @kopf.index(GROUP, VERSION, "modelversions")
-def versions_by_model(body: kopf.Body, **_: Any) -> dict[ModelKey, ModelVersion]:
+async def versions_by_model(body: kopf.Body, **_: Any) -> dict[ModelKey, ModelVersion]:
     """Every version of every model, kept current from the watch stream (no LIST calls);
-    the other kinds read the registry through it (``backends/registry.py``)."""
+    the other kinds read the registry through it (``backends/registry.py``). Async so that
+    kopf calls it on the event loop: a plain function goes through a thread pool for every
+    watch event, and the hand-offs cost more than the parse."""
     return index_versions(body)
 
 
@@ -100,7 +102,13 @@ async def reconcile_model_version(
     shown = mv.status.model_dump(by_alias=True, mode="json")
     ctx = context(memo)
     ns = mv.namespace
-    refused = await asyncio.to_thread(refusals.model_version, ctx, mv)
+    # Symlinks are looked up on the filesystem (off the loop); other URIs are judged as text.
+    local = mv.spec.artifact.uri.startswith("file:")
+    refused = (
+        await asyncio.to_thread(refusals.model_version, ctx, mv)
+        if local
+        else refusals.model_version(ctx, mv)
+    )
     policy = (
         plan.Problem(refused[0].reason, spec_rules.message(refused), retry=False)
         if refused

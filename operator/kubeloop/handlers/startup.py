@@ -147,6 +147,9 @@ def configure_kopf(settings: kopf.OperatorSettings, cfg: Settings) -> None:
         settings.peering.priority = peering_priority()
         settings.peering.stealth = True
     settings.networking.connect_timeout = 10
+    # A worker per object lives this long after its last event (kopf's default, 5 s, keeps
+    # hundreds alive through a burst of creations, each holding its object's last body).
+    settings.queueing.idle_timeout = 1.0
 
 
 @kopf.on.login()
