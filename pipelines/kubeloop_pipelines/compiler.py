@@ -37,7 +37,10 @@ from kfp import kubernetes as kfp_kubernetes
 from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop.contract.labels import KUEUE_QUEUE_LABEL
 from kubeloop.contract.steps import DISPLAY_NAMES
+from kubeloop_pipelines import kfp_caller_lookup
 from kubeloop_pipelines.components import DEFAULT_IMAGE, StepComponents, step_components
+
+kfp_caller_lookup.install()  # kfp asks inspect.stack() in every task setter (see module)
 
 __all__ = [
     "DEFAULT_IMAGE",

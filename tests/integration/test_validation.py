@@ -367,6 +367,83 @@ BOUNDS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
         ("spec.evaluation.gates[0].value", "r2 is at most 1"),
     ),
     (
+        "tr-ndcg-gate-over-1",
+        with_(
+            with_(TR, "spec.data.groupColumn", "query_id"),
+            "spec.evaluation",
+            {"gates": [{"metric": "ndcg_at_k", "value": 1.5}]},
+        ),
+        ("spec.evaluation.gates[0].value", "ndcg_at_k is a fraction"),
+    ),
+    (
+        "tr-ranking-gate-without-group-column",
+        with_(TR, "spec.evaluation", {"gates": [{"metric": "map_at_k", "value": 0.5}]}),
+        ("spec.evaluation.gates", "needs data.groupColumn"),
+    ),
+    (
+        "tr-ranking-without-group-column",
+        with_(TR, "spec.evaluation", {"ranking": {"k": 5}}),
+        ("spec.evaluation.ranking", "needs data.groupColumn"),
+    ),
+    (
+        "tr-ranking-k-0",
+        with_(
+            with_(TR, "spec.data.groupColumn", "query_id"), "spec.evaluation", {"ranking": {"k": 0}}
+        ),
+        ("spec.evaluation.ranking.k", "greater than or equal to 1"),
+    ),
+    (
+        "tr-group-column-is-the-target",
+        with_(TR, "spec.data.groupColumn", "target"),
+        ("spec.data.groupColumn", "cannot also be the target"),
+    ),
+    (
+        "tr-group-column-in-features",
+        with_(
+            with_(TR, "spec.data.groupColumn", "query_id"), "spec.data.features", ["x", "query_id"]
+        ),
+        ("spec.data.groupColumn", "leave it out of data.features"),
+    ),
+    (
+        "tr-fit-gate-unknown-verdict",
+        with_(TR, "spec.evaluation", {"fitGate": {"reject": ["good fit"]}}),
+        ("spec.evaluation.fitGate.reject[0]", "Unsupported value"),
+    ),
+    (
+        "tr-fit-gate-repeated-verdict",
+        with_(TR, "spec.evaluation", {"fitGate": {"reject": ["overfit", "overfit"]}}),
+        ("spec.evaluation.fitGate", "reject must not repeat"),
+    ),
+    (
+        "tr-fit-gate-rejects-nothing",
+        with_(TR, "spec.evaluation", {"fitGate": {"reject": []}}),
+        ("spec.evaluation.fitGate.reject", "should have at least 1 items"),
+    ),
+    (
+        "tr-cmaes-with-categorical-parameters-only",
+        with_(
+            with_(TR, "spec.tuning.algorithm", "cmaes"),
+            "spec.tuning.searchSpace",
+            [{"name": "optimizer", "type": "categorical", "values": ["adam", "sgd"]}],
+        ),
+        ("spec.tuning.searchSpace", "algorithm cmaes (CMA-ES) searches int and float"),
+    ),
+    (
+        "tr-family-unknown",
+        with_(TR, "spec.model.family", "xgboost"),
+        ("spec.model.family", "Unsupported value"),
+    ),
+    (
+        "tr-trees-num-leaves-1",
+        with_(TR, "spec.model", {"family": "lightgbm", "trees": {"numLeaves": 1}}),
+        ("spec.model.trees.numLeaves", "greater than or equal to 2"),
+    ),
+    (
+        "tr-fit-gate-without-learning-curves",
+        with_(TR, "spec.evaluation", {"learningCurves": False, "fitGate": {}}),
+        ("spec.evaluation.fitGate", "needs learningCurves: true"),
+    ),
+    (
         "tr-gate-value-string",
         with_(TR, "spec.evaluation", {"gates": [{"metric": "f1", "value": "high"}]}),
         ("spec.evaluation.gates[0].value", "must be of type number"),
@@ -577,6 +654,22 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
             },
         ),
     ),
+    (
+        "ranking-gates-and-fit-gate",
+        with_(
+            with_(TR, "spec.data.groupColumn", "query_id"),
+            "spec.evaluation",
+            {
+                "gates": [
+                    {"metric": "ndcg_at_k", "value": 1},
+                    {"metric": "map_at_k", "value": 0},
+                ],
+                "ranking": {"k": 1000},
+                "fitGate": {"reject": ["overfit", "underfit"]},
+            },
+        ),
+    ),
+    ("fit-gate-defaults", with_(TR, "spec.evaluation", {"fitGate": {}})),
     ("timeout-1s", with_(TR, "spec.timeout", "1s")),
     ("rollout-interval-1.5s", with_(MD, "spec.rollout", {"interval": "1.5s"})),
     (

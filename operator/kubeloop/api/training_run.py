@@ -26,10 +26,11 @@ from kubeloop.api.base import (
 )
 from kubeloop.api.common import ComputeResources
 from kubeloop.api.model_version import Alias
+from kubeloop.contract.evaluation import RANKING_METRICS
 from kubeloop.contract.labels import APPROVE_ANNOTATION
 
 DATA_URI_PATTERN = r"^(file:///|s3://|gs://|builtin://)[^\s]+$"
-BUILTIN_DATASETS = ("breast-cancer", "digits", "diabetes", "fraud", "reviews")
+BUILTIN_DATASETS = ("breast-cancer", "digits", "diabetes", "fraud", "reviews", "ranking")
 GateMetric = Literal[
     "accuracy",
     "precision",
@@ -44,10 +45,13 @@ GateMetric = Literal[
     "r2",
     "latency_ms",
     "size_mb",
+    "map_at_k",
+    "ndcg_at_k",
 ]
 # Gate metrics that are fractions (0..1), and those that are never negative; r2 is at most 1.
 FRACTION_METRICS: Final = (
     "accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "minority_recall",
+    "map_at_k", "ndcg_at_k",
 )  # fmt: skip
 NON_NEGATIVE_METRICS: Final = ("mse", "rmse", "mae", "latency_ms", "size_mb")
 # Five cron fields (minute hour day-of-month month day-of-week; names such as MON or JAN in
@@ -140,19 +144,40 @@ class Split(ApiModel):
 
     validation: float = Field(default=0.15, gt=0, lt=0.5, description="Validation fraction.")
     test: float = Field(default=0.15, gt=0, lt=0.5, description="Held-out test fraction.")
-    stratify: bool = Field(default=True, description="Keep class ratios in every split.")
+    stratify: bool = Field(
+        default=True,
+        description="Keep class ratios in every split (classification; ignored with "
+        "data.groupColumn, which splits whole groups instead).",
+    )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Random seed.")
 
 
-def _since_only_for_request_logs() -> dict[str, Any]:
+def _since_only_for_request_logs(*more: dict[str, str]) -> dict[str, Any]:
     return validations(
         cel(
             "!has(self.since) || self.format == 'requestLog'",
             "since selects rows of a request log by the time they were served; it applies only "
             "to format: requestLog",
             field_path=".since",
-        )
+        ),
+        *more,
     )
+
+
+# The group column identifies rows (which query a document was shown for); it is never an input
+# of the model nor what it predicts.
+GROUP_COLUMN_RULES: Final = (
+    cel(
+        "!has(self.groupColumn) || self.groupColumn != self.target",
+        "groupColumn names the query/group id; it cannot also be the target",
+        field_path=".groupColumn",
+    ),
+    cel(
+        "!has(self.groupColumn) || !has(self.features) || !(self.groupColumn in self.features)",
+        "groupColumn is never fed to the model: leave it out of data.features",
+        field_path=".groupColumn",
+    ),
+)
 
 
 class ExtraData(ApiModel):
@@ -168,7 +193,9 @@ class ExtraData(ApiModel):
 class DataSource(ApiModel):
     """Where the training data is and what to predict."""
 
-    model_config = ApiModel.model_config | {"json_schema_extra": _since_only_for_request_logs()}
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": _since_only_for_request_logs(*GROUP_COLUMN_RULES)
+    }
 
     uri: DataUri = Field(
         description="file:///path.csv, s3://bucket/key.parquet, gs://…, or builtin://NAME "
@@ -198,12 +225,35 @@ class DataSource(ApiModel):
         "other columns are dropped. They share credentialsSecret.",
     )
     split: Split = Field(default_factory=Split, description="Train/validation/test split.")
+    group_column: ColumnName | None = Field(
+        default=None,
+        description="Query/group id column for ranking (e.g. query_id): rows with the same id "
+        "are ranked against each other by the model's score, giving the test metrics map_at_k "
+        "and ndcg_at_k (k: evaluation.ranking.k). The column is never a model input, and the "
+        "split keeps each group's rows together (so no query is seen in training and scored "
+        "in test). The target is the relevance: a binary label (its last class is the relevant "
+        "one) or numeric grades >= 0 (classification or regression).",
+    )
     credentials_secret: SecretName | None = Field(
         default=None,
         description="Name of a Secret in this run's namespace holding the object-store "
         "credentials for s3:// or gs:// data (uri and extra). The kfp executor mounts it into "
         "the pipeline's pods; it is never read from another namespace.",
     )
+
+    @model_validator(mode="after")
+    def _group_column_is_an_id(self) -> Self:
+        if self.group_column is not None and self.group_column == self.target:
+            raise ValueError(
+                f"groupColumn={self.group_column!r} is the target; name the query/group id "
+                "column, not the column to predict"
+            )
+        if self.group_column is not None and self.group_column in self.features:
+            raise ValueError(
+                f"groupColumn={self.group_column!r} is listed in features; the group id is "
+                "never fed to the model: leave it out of features"
+            )
+        return self
 
 
 class MissingValues(ApiModel):
@@ -278,11 +328,50 @@ class EarlyStopping(ApiModel):
     )
 
 
+class TreeSpec(ApiModel):
+    """Gradient-boosted trees (model.family: lightgbm); every field is tunable as
+    ``model.trees.<name>``. model.earlyStopping.patience counts boosting rounds here."""
+
+    num_leaves: int = Field(
+        default=31, ge=2, le=131072, description="Most leaves per tree (the main capacity knob)."
+    )
+    max_depth: int = Field(
+        default=-1, ge=-1, le=64, description="Deepest a tree may grow; -1 means no limit."
+    )
+    n_estimators: int = Field(
+        default=300,
+        ge=1,
+        le=10000,
+        description="Most boosting rounds; early stopping on the validation split may stop sooner.",
+    )
+    learning_rate: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="Shrinkage of each round (model.learningRate is the networks' optimiser "
+        "step; its 1e-3 default would leave trees far from converged).",
+    )
+    min_child_samples: int = Field(
+        default=20, ge=1, le=1000000, description="Fewest training rows in a leaf."
+    )
+    subsample: float = Field(
+        default=1.0, gt=0, le=1, description="Share of rows sampled for each round (bagging)."
+    )
+    colsample_bytree: float = Field(
+        default=1.0, gt=0, le=1, description="Share of features sampled for each tree."
+    )
+    reg_lambda: float = Field(default=0.0, ge=0, le=1000, description="L2 penalty on leaf values.")
+
+
 class ModelSpec(ApiModel):
     """Model family and training hyperparameters (tuning may override any of them)."""
 
-    family: Literal["mlp", "cnn", "resnet", "transformer"] = Field(
-        default="mlp", description="mlp (tabular), cnn/resnet (images), transformer (text)."
+    family: Literal["mlp", "cnn", "resnet", "transformer", "rnn", "lstm", "gru", "lightgbm"] = (
+        Field(
+            default="mlp",
+            description="mlp (tabular), cnn/resnet (images), transformer or rnn/lstm/gru "
+            "(text, sequences), lightgbm (gradient-boosted trees, tabular).",
+        )
     )
     hidden_layers: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
         default_factory=lambda: [64, 32],
@@ -294,9 +383,23 @@ class ModelSpec(ApiModel):
         max_length=8,
         description="Channels per conv stage (cnn/resnet).",
     )
-    embedding_dim: int = Field(default=64, ge=8, le=4096, description="Transformer width.")
+    embedding_dim: int = Field(
+        default=64, ge=8, le=4096, description="Token embedding width (transformer, rnn/lstm/gru)."
+    )
     heads: int = Field(default=4, ge=1, le=64, description="Transformer attention heads.")
-    layers: int = Field(default=2, ge=1, le=48, description="Transformer encoder layers.")
+    layers: int = Field(
+        default=2, ge=1, le=48, description="Transformer encoder layers; rnn/lstm/gru: stacked "
+        "recurrent layers.",
+    )  # fmt: skip
+    hidden_size: int = Field(
+        default=64, ge=1, le=4096,
+        description="rnn/lstm/gru: recurrent state width per direction.",
+    )  # fmt: skip
+    bidirectional: bool = Field(
+        default=False,
+        description="rnn/lstm/gru: also read each text backwards (from its last word); the head "
+        "sees both directions' final states, so twice hiddenSize features.",
+    )
     dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout probability.")
     batch_norm: bool = Field(default=True, description="Use BatchNorm.")
     epochs: int = Field(default=30, ge=1, le=10000, description="Maximum epochs.")
@@ -311,6 +414,10 @@ class ModelSpec(ApiModel):
         default_factory=EarlyStopping, description="Early stopping; null disables."
     )
     mixed_precision: bool = Field(default=True, description="bf16 autocast on a GPU.")
+    trees: TreeSpec | None = Field(
+        default=None,
+        description="Gradient-boosted tree settings (family lightgbm); null uses their defaults.",
+    )
 
 
 class Imbalance(ApiModel):
@@ -365,6 +472,12 @@ class Objective(ApiModel):
     )
 
 
+CMAES_NEEDS_NUMERIC = (
+    "algorithm cmaes (CMA-ES) searches int and float parameters: it needs at least one in "
+    "searchSpace; with categorical parameters only, use grid, random, bayesian or gp"
+)
+
+
 class Tuning(ApiModel):
     """Hyperparameter search."""
 
@@ -381,11 +494,19 @@ class Tuning(ApiModel):
                 "grid search needs a step on every numeric parameter",
                 field_path=".searchSpace",
             ),
+            cel(
+                "self.algorithm != 'cmaes' || self.searchSpace.exists(p, p.type != 'categorical')",
+                CMAES_NEEDS_NUMERIC,
+                field_path=".searchSpace",
+            ),
         )
     }
 
-    algorithm: Literal["grid", "random", "bayesian", "hyperband", "asha"] = Field(
-        default="bayesian", description="grid, random, bayesian (TPE), hyperband or asha."
+    algorithm: Literal["grid", "random", "bayesian", "hyperband", "asha", "cmaes", "gp"] = Field(
+        default="bayesian",
+        description="grid, random, bayesian (TPE), hyperband or asha (TPE with pruning), cmaes "
+        "(CMA-ES over the int/float parameters, at least one; categorical ones are drawn by "
+        "TPE independently) or gp (Gaussian-process Bayesian optimisation).",
     )
     objective: Objective = Field(default_factory=Objective, description="Objective.")
     max_trials: int = Field(default=20, ge=1, le=1000, description="Trial budget.")
@@ -394,6 +515,13 @@ class Tuning(ApiModel):
     search_space: list[SearchParameter] = Field(
         min_length=1, max_length=32, description="Dimensions to search (at least one)."
     )
+
+    @model_validator(mode="after")
+    def _cmaes_needs_a_numeric_parameter(self) -> Self:
+        if self.algorithm == "cmaes" and all(p.type == "categorical" for p in self.search_space):
+            names = ", ".join(p.name for p in self.search_space)
+            raise ValueError(f"searchSpace ({names}): {CMAES_NEEDS_NUMERIC}")
+        return self
 
 
 def _metric_list(names: tuple[str, ...]) -> str:
@@ -452,8 +580,69 @@ class Gate(ApiModel):
         return self
 
 
+class Ranking(ApiModel):
+    """How the test rows are ranked within each data.groupColumn group."""
+
+    k: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="Cut-off of map_at_k and ndcg_at_k: only each group's k highest-scored rows "
+        "count (a group with fewer rows counts all of them).",
+    )
+
+
+FitVerdict = Literal["overfit", "underfit"]
+
+
+def _reject_overfit() -> list[FitVerdict]:
+    return ["overfit"]
+
+
+class FitGate(ApiModel):
+    """Refuse to register a model whose learning curves show the listed verdicts.
+
+    A separate gate rather than a ``gates`` entry: a Gate compares a number with a threshold
+    (``op``/``value``, bounded per metric, and its metric names double as tuning objectives),
+    whereas the fit verdict is a category with its explanation. Its result still joins the
+    gate results (``fit=overfit ✗: …``), so it fails a run exactly as a metric gate does.
+    """
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel("self.reject.all(v, self.reject.exists_one(w, w == v))", "reject must not repeat")
+        )
+    }
+
+    reject: list[FitVerdict] = Field(
+        default_factory=_reject_overfit,
+        min_length=1,
+        max_length=2,
+        description="Learning-curve verdicts that block registration: overfit (validation "
+        "loss rising while training loss falls, or a large generalisation gap), underfit (flat "
+        "or still-falling losses, or a loss near guessing). A run without recorded curves "
+        "fails this gate.",
+    )
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> Self:
+        if len(set(self.reject)) != len(self.reject):
+            raise ValueError(f"reject={self.reject} repeats a verdict; list each once")
+        return self
+
+
 class Evaluation(ApiModel):
     """Evaluation and registration gates."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "!has(self.fitGate) || self.learningCurves",
+                "fitGate judges the learning curves: it needs learningCurves: true",
+                field_path=".fitGate",
+            )
+        )
+    }
 
     gates: list[Gate] = Field(
         default_factory=list, max_length=16, description="All must pass or nothing is registered."
@@ -461,6 +650,25 @@ class Evaluation(ApiModel):
     learning_curves: bool = Field(
         default=True, description="Record train/validation loss per epoch."
     )
+    fit_gate: FitGate | None = Field(
+        default=None,
+        description="Also refuse registration on an over- or under-fitted model, judged from "
+        "the learning curves (e.g. reject: [overfit]); the verdict's explanation is in the "
+        "gate message.",
+    )
+    ranking: Ranking | None = Field(
+        default=None,
+        description=f"Ranking metrics ({', '.join(RANKING_METRICS)}) settings; needs "
+        "data.groupColumn. With a groupColumn and no ranking section, k is 10.",
+    )
+
+    @model_validator(mode="after")
+    def _fit_gate_needs_curves(self) -> Self:
+        if self.fit_gate is not None and not self.learning_curves:
+            raise ValueError(
+                "fitGate judges the learning curves: it needs learningCurves: true, not false"
+            )
+        return self
 
 
 class Explanation(ApiModel):
@@ -505,6 +713,42 @@ class Registration(ApiModel):
     )
 
 
+# Ranking metrics rank rows within groups: without data.groupColumn there is nothing to rank.
+RANKING_NEEDS_GROUPS: Final = (
+    cel(
+        "has(self.data.groupColumn) || !has(self.evaluation) || !has(self.evaluation.gates) || "
+        f"!self.evaluation.gates.exists(g, g.metric in {_metric_list(RANKING_METRICS)})",
+        f"a gate on {' or '.join(RANKING_METRICS)} needs data.groupColumn (the query/group id "
+        "the rows are ranked within)",
+        field_path=".evaluation.gates",
+    ),
+    cel(
+        "has(self.data.groupColumn) || !has(self.evaluation) || !has(self.evaluation.ranking)",
+        "evaluation.ranking needs data.groupColumn (the query/group id the rows are ranked within)",
+        field_path=".evaluation.ranking",
+    ),
+)
+
+
+def ranking_spec_problem(data: DataSource, evaluation: Evaluation) -> str:
+    """Why ranking settings cannot apply ('' if they can): the model's copy of
+    :data:`RANKING_NEEDS_GROUPS`."""
+    if data.group_column is not None:
+        return ""
+    for i, gate in enumerate(evaluation.gates):
+        if gate.metric in RANKING_METRICS:
+            return (
+                f"evaluation.gates[{i}].metric={gate.metric} ranks rows within groups: it needs "
+                "data.groupColumn (the query/group id the rows are ranked within)"
+            )
+    if evaluation.ranking is not None:
+        return (
+            "evaluation.ranking needs data.groupColumn (the query/group id the rows are ranked "
+            "within)"
+        )
+    return ""
+
+
 class TrainingRunSpec(ApiModel):
     """A training run: compiled into a Kubeflow pipeline and executed."""
 
@@ -521,6 +765,7 @@ class TrainingRunSpec(ApiModel):
                 "embeddingDim must be divisible by heads",
                 field_path=".model.heads",
             ),
+            *RANKING_NEEDS_GROUPS,
         )
     }
 
@@ -555,6 +800,13 @@ class TrainingRunSpec(ApiModel):
         "run already submitted does not stop that run; changing only suspend never starts a "
         "new attempt.",
     )
+
+    @model_validator(mode="after")
+    def _ranking_needs_groups(self) -> Self:
+        problem = ranking_spec_problem(self.data, self.evaluation)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class Trials(ApiModel):

@@ -11,6 +11,20 @@ REGISTRY_FORMAT: Final = "torch"  # ModelVersion.spec.artifact.format of such a 
 PROGRAM_FILE: Final = "model.pt2"
 METADATA_FILE: Final = "model.json"
 TASKS: Final = ("classification", "regression")
+# Gradient-boosted trees: the trees in ONNX (run by onnxruntime), the fitted transforms in
+# front of them as a torch.export program (the same module the torch artifacts bake in).
+ONNX_FORMAT: Final = "onnx"
+ONNX_FILE: Final = "model.onnx"
+TRANSFORM_PROGRAM_FILE: Final = "transform.pt2"
+FORMATS: Final = (FORMAT, ONNX_FORMAT)
+# model.json's "format" → ModelVersion.spec.artifact.format and .framework
+REGISTRY_FORMATS: Final = {FORMAT: REGISTRY_FORMAT, ONNX_FORMAT: "onnx"}
+MODEL_FILES: Final = (PROGRAM_FILE, ONNX_FILE, TRANSFORM_PROGRAM_FILE)
+
+
+def model_size_bytes(directory: Path) -> int:
+    """Bytes of the files a server loads (the metadata aside), whichever the format."""
+    return sum((directory / n).stat().st_size for n in MODEL_FILES if (directory / n).is_file())
 
 
 def digest(path: Path) -> str:

@@ -19,7 +19,20 @@ QUALITY_METRICS_BY_TASK: Final = {
 METRICS_BY_TASK: Final = {
     task: (*quality, *SERVING_METRICS) for task, quality in QUALITY_METRICS_BY_TASK.items()
 }
+# Test metrics of rows ranked within query groups: only with data.groupColumn, for either task.
+RANKING_METRICS: Final = ("map_at_k", "ndcg_at_k")
 # Every metric a gate may name (the API's GateMetric enum, checked equal by a unit test).
-ALL_METRICS: Final = (*CLASSIFICATION_METRICS, *REGRESSION_METRICS, *SERVING_METRICS)
+ALL_METRICS: Final = (
+    *CLASSIFICATION_METRICS, *REGRESSION_METRICS, *SERVING_METRICS, *RANKING_METRICS,
+)  # fmt: skip
+
+
+def gate_metrics(task: str, *, ranked: bool) -> tuple[str, ...]:
+    """The test metrics evaluation produces for ``task``; with ``ranked`` (data.groupColumn
+    set) the ranking metrics too. Tuning objectives are validation metrics: see
+    QUALITY_METRICS_BY_TASK."""
+    return (*METRICS_BY_TASK[task], *(RANKING_METRICS if ranked else ()))
+
+
 # Lower is better for these; higher for every other metric.
 LOWER_IS_BETTER: Final = frozenset({"mse", "rmse", "mae", "latency_ms", "size_mb"})

@@ -25,7 +25,12 @@ from croniter import croniter
 from kubeloop import reasons
 from kubeloop.api.training_run import Attempt, TrainingRunSpec, TrainingRunStatus, Trials
 from kubeloop.contract.durations import parse_rfc3339, rfc3339, seconds
-from kubeloop.contract.evaluation import METRICS_BY_TASK
+from kubeloop.contract.evaluation import (
+    METRICS_BY_TASK,
+    QUALITY_METRICS_BY_TASK,
+    RANKING_METRICS,
+    gate_metrics,
+)
 from kubeloop.contract.labels import APPROVE_ANNOTATION
 from kubeloop.contract.steps import STEPS
 from kubeloop.planning.conditions import set_condition
@@ -89,12 +94,20 @@ def spec_problem(spec: TrainingRunSpec) -> str:
     a gate or a tuning objective on a metric the task does not produce."""
     task = spec.data.task
     produced = METRICS_BY_TASK[task]
+    gated = gate_metrics(task, ranked=spec.data.group_column is not None)
     for i, gate in enumerate(spec.evaluation.gates):
-        if gate.metric not in produced:
+        if gate.metric not in gated:
             return (
                 f"spec.evaluation.gates[{i}].metric={gate.metric!r} is not produced for a {task} "
-                f"task; expected one of {', '.join(produced)}"
+                f"task; expected one of {', '.join(gated)}"
             )
+    if spec.tuning is not None and spec.tuning.objective.metric in RANKING_METRICS:
+        # tuning scores validation rows one by one (ml/train.score): no groups to rank there
+        return (
+            f"spec.tuning.objective.metric={spec.tuning.objective.metric!r} is a test-split "
+            "ranking metric and cannot be tuned on; tune on a validation metric of the task "
+            f"({', '.join(QUALITY_METRICS_BY_TASK[task])}) and gate on it instead"
+        )
     if spec.tuning is not None and spec.tuning.objective.metric not in produced:
         return (
             f"spec.tuning.objective.metric={spec.tuning.objective.metric!r} is not produced for "

@@ -17,6 +17,10 @@ predictions' standard deviation for regression. Autocast keeps the baked-in tran
 (imputation, clipping, category codes) in fp32 and runs only matmuls and convolutions in bf16.
 An artifact without the check runs in fp32.
 
+Gradient-boosted trees use a second format, ``onnx`` (``model.json``'s ``format``): the trees
+in ``model.onnx`` behind the same transforms, see :mod:`kubeloop.serving.onnx_model`;
+:func:`load_model` reads ``format`` and refuses a missing or unknown one.
+
 The training pipeline writes artifacts with :func:`save_model`; the model server reads them with
 :func:`load_model`. Both live here, beside the torch they need; what other sides agree on
 without torch is in :mod:`kubeloop.contract`: the file names, ``format`` and tasks
@@ -39,7 +43,14 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from kubeloop.contract.artifact import FORMAT, METADATA_FILE, PROGRAM_FILE, TASKS
+from kubeloop.contract.artifact import (
+    FORMAT,
+    FORMATS,
+    METADATA_FILE,
+    ONNX_FORMAT,
+    PROGRAM_FILE,
+    TASKS,
+)
 from kubeloop.contract.reference import MODALITIES, TABULAR
 
 Task = Literal["classification", "regression"]
@@ -92,11 +103,7 @@ def save_model(
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    module = module.eval()
-    # An example batch of 2: torch.export specialises sizes 0 and 1, so 2 keeps the batch symbolic.
-    example = torch.zeros(2, width, dtype=torch.float32)
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    program = export_rows_program(module, width)
     torch.export.save(program, str(out / PROGRAM_FILE))
     precision: dict[str, Any] = {}
     if check_rows is not None:
@@ -117,6 +124,14 @@ def save_model(
     }
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return out
+
+
+def export_rows_program(module: torch.nn.Module, width: int) -> torch.export.ExportedProgram:
+    """``module`` (rows of ``width`` floats in) exported with a dynamic batch dimension."""
+    # An example batch of 2: torch.export specialises sizes 0 and 1, so 2 keeps the batch symbolic.
+    example = torch.zeros(2, width, dtype=torch.float32)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    return torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
 
 
 def _outputs(raw: torch.Tensor, task: str) -> torch.Tensor:
@@ -245,8 +260,11 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} cannot be read as JSON: {exc}") from exc
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path} must hold a JSON object, not {type(meta).__name__}")
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format={meta.get('format')!r}; expected {FORMAT!r}")
+    if meta.get("format") not in FORMATS:
+        raise ArtifactError(
+            f"{path}: format={meta.get('format')!r}; expected one of {list(FORMATS)} "
+            f"({FORMAT!r}: model.pt2, {ONNX_FORMAT!r}: model.onnx)"
+        )
     if meta.get("task") not in TASKS:
         raise ArtifactError(f"{path}: task={meta.get('task')!r}; expected one of {list(TASKS)}")
     features = meta.get("features")
@@ -268,6 +286,20 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+def metadata_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`LoadedModel` fields a checked ``model.json`` gives, whatever the format."""
+    return {
+        "task": meta["task"],
+        "features": [str(f) for f in meta["features"]],
+        "classes": [str(c) for c in meta.get("classes") or []],
+        "mean": np.asarray(meta["preprocess"]["mean"], dtype=np.float32),
+        "scale": np.asarray(meta["preprocess"]["scale"], dtype=np.float32),
+        "reference": dict(meta.get("reference") or {}),
+        "modality": str(meta["modality"]),
+        "precision": dict(meta.get("precision") or {}),
+    }
+
+
 def load_model(directory: str | Path, *, device: str = "cpu") -> LoadedModel:
     """Load an artifact written by :func:`save_model` onto ``device`` ("cpu", "cuda" or
     "auto"); ArtifactError names what is wrong."""
@@ -276,6 +308,10 @@ def load_model(directory: str | Path, *, device: str = "cpu") -> LoadedModel:
         raise ArtifactError(f"model directory {root} does not exist")
     meta = _read_metadata(root / METADATA_FILE)
     target = resolve_device(device)
+    if meta["format"] == ONNX_FORMAT:
+        from kubeloop.serving.onnx_model import load_onnx_model
+
+        return load_onnx_model(root, meta)
     program_path = root / PROGRAM_FILE
     if not program_path.is_file():
         raise ArtifactError(f"{program_path} is missing: the exported program was not saved")
@@ -289,21 +325,14 @@ def load_model(directory: str | Path, *, device: str = "cpu") -> LoadedModel:
         # Rewrites the device of every parameter, buffer and constant *and* of the ops that
         # create tensors (a .to() on the module would leave those on the CPU).
         program = move_to_device_pass(program, target)
-    precision = dict(meta.get("precision") or {})
+    fields = metadata_fields(meta)
     model = LoadedModel(
         module=program.module(),
-        task=meta["task"],
-        features=[str(f) for f in meta["features"]],
-        classes=[str(c) for c in meta.get("classes") or []],
-        mean=np.asarray(meta["preprocess"]["mean"], dtype=np.float32),
-        scale=np.asarray(meta["preprocess"]["scale"], dtype=np.float32),
-        reference=dict(meta.get("reference") or {}),
-        modality=str(meta["modality"]),
         device=target,
         bf16=target == "cuda"
-        and (precision.get("bf16") or {}).get("allowed") is True
+        and (fields["precision"].get("bf16") or {}).get("allowed") is True
         and torch.cuda.is_bf16_supported(),
-        precision=precision,
+        **fields,
     )
     if target != "cpu":
         _warm_up(model)

@@ -1,5 +1,5 @@
 """The built-in datasets (``builtin://NAME``): they need no network; three ship inside
-scikit-learn's wheel, two are generated here from a seed.
+scikit-learn's wheel, three are generated here from a seed.
 
 =============  ===============  ===========  ============================================
 name           target           task         what
@@ -9,6 +9,7 @@ digits         ``digit``        10 classes   8x8 grey images as ``px_0..px_63`` 
 diabetes       ``progression``  regression   10 numeric features (raw units)
 fraud          ``is_fraud``     binary, 1 %  12 numeric + 2 categorical, some missing
 reviews        ``sentiment``    binary       short product reviews in ``text``
+ranking        ``relevance``    0-3 grades   search results grouped by ``query_id``
 =============  ===============  ===========  ============================================
 
 ``fraud`` is built so that imbalance handling matters: frauds sit in a compact pocket of five
@@ -16,6 +17,12 @@ features where legitimate rows are still the majority, and shift six more featur
 1 % prior a model trained without reweighting rarely reaches a 0.5 fraud probability (minority
 recall about 5-20 %), while a rebalanced one (SMOTE, class weights, an alpha-weighted focal
 loss) recovers half to three quarters of the frauds at a similar ROC AUC (about 0.93).
+
+``ranking`` is a learning-to-rank table: :data:`RANKING_QUERIES` queries with
+:data:`RANKING_DOCS_PER_QUERY` candidate documents each, the graded relevance (0-3) of each to
+its query, and ``query_id`` to use as ``data.groupColumn``. ``text_match`` decides relevance
+(with a little of ``freshness`` and noise); ``popularity`` and ``doc_length`` carry nothing, so
+a model ranking by them alone scores like a random order.
 
 ``reviews`` also provides :data:`REVIEW_SYNONYMS`, the text-augmentation table.
 """
@@ -36,6 +43,7 @@ BUILTIN_TARGETS: dict[str, str] = {
     "diabetes": "progression",
     "fraud": "is_fraud",
     "reviews": "sentiment",
+    "ranking": "relevance",
 }
 BUILTIN_MODALITY: dict[str, Modality] = {"digits": "image", "reviews": "text"}
 DIGITS_SHAPE = (1, 8, 8)
@@ -45,6 +53,9 @@ FRAUD_RATE = 0.01
 FRAUD_POCKET = 0.8  # latent mean of frauds in the pocket features (legitimate rows: 0)
 FRAUD_SPREAD = 0.6  # their standard deviation (legitimate rows: 1)
 REVIEW_ROWS = 600
+RANKING_QUERIES = 120
+RANKING_DOCS_PER_QUERY = 10
+RANKING_GRADE_EDGES = (0.5, 1.5, 2.5)  # relevance score → grades 0, 1, 2, 3
 
 
 def _snake(name: str) -> str:
@@ -220,9 +231,29 @@ def _reviews(seed: int) -> pd.DataFrame:
     return pd.DataFrame({"text": texts, "sentiment": labels})
 
 
+def _ranking(seed: int) -> pd.DataFrame:
+    """Query-document pairs with graded relevance (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    n = RANKING_QUERIES * RANKING_DOCS_PER_QUERY
+    text_match = rng.standard_normal(n)
+    freshness = rng.random(n)
+    # the known relevant feature dominates; the noise keeps a perfect order out of reach
+    score = 1.5 * text_match + 0.3 * freshness + 0.4 * rng.standard_normal(n)
+    return pd.DataFrame(
+        {
+            "query_id": np.repeat(np.arange(RANKING_QUERIES), RANKING_DOCS_PER_QUERY),
+            "text_match": np.round(text_match, 4),
+            "freshness": np.round(freshness, 4),
+            "popularity": np.round(rng.standard_normal(n), 4),
+            "doc_length": np.round(np.exp(6.0 + 0.5 * rng.standard_normal(n))),
+            "relevance": np.digitize(score, RANKING_GRADE_EDGES).astype(np.int64),
+        }
+    )
+
+
 def load_builtin(name: str, *, seed: int = 0) -> pd.DataFrame:
     """A built-in dataset as a frame (features + the target of :data:`BUILTIN_TARGETS`);
-    ``seed`` drives the generated ones (fraud, reviews), the others ignore it."""
+    ``seed`` drives the generated ones (fraud, reviews, ranking), the others ignore it."""
     if name == "breast-cancer":
         return _breast_cancer()
     if name == "digits":
@@ -233,6 +264,8 @@ def load_builtin(name: str, *, seed: int = 0) -> pd.DataFrame:
         return _fraud(seed)
     if name == "reviews":
         return _reviews(seed)
+    if name == "ranking":
+        return _ranking(seed)
     raise StepError(
         f"data.uri=builtin://{name} names no built-in dataset; expected one of "
         f"{', '.join(f'builtin://{n}' for n in BUILTIN_DATASETS)}",

@@ -18,6 +18,7 @@ import pandas as pd
 from kubeloop.api.training_run import DataSource, ExtraData, Split, parse_timestamp
 from kubeloop_pipelines.contract import SPLITS, Modality, StepError
 from kubeloop_pipelines.ml.builtin_datasets import BUILTIN_MODALITY, DIGITS_SHAPE, load_builtin
+from kubeloop_pipelines.ml.group_split import group_parts
 
 FeatureKind = Literal["numeric", "categorical", "text"]
 
@@ -363,6 +364,8 @@ class DatasetSchema:
     rows: dict[str, int] = field(default_factory=dict)
     # what each source added (SourceRows.to_json); empty in layouts written before extra
     sources: list[dict[str, Any]] = field(default_factory=list)
+    # data.groupColumn: kept in the splits beside the features, never one of them ('' = none)
+    group_column: str = ""
 
     @property
     def feature_names(self) -> list[str]:
@@ -383,6 +386,7 @@ class DatasetSchema:
             "sha256": self.sha256,
             "rows": dict(self.rows),
             "sources": [dict(source) for source in self.sources],
+            "group_column": self.group_column,
         }
 
     @classmethod
@@ -400,6 +404,7 @@ class DatasetSchema:
             sha256=str(value.get("sha256", "")),
             rows={str(k): int(v) for k, v in (value.get("rows") or {}).items()},
             sources=[dict(source) for source in value.get("sources") or []],
+            group_column=str(value.get("group_column") or ""),
         )
 
 
@@ -409,14 +414,22 @@ def _preview(values: Sequence[Any], limit: int = 20) -> str:
 
 
 def select_columns(frame: pd.DataFrame, data: DataSource) -> pd.DataFrame:
-    """The selected features (``data.features``, or every column but the target) and the
-    target, in that order; wrong names raise :class:`StepError` listing the columns there are."""
+    """The selected features (``data.features``, or every column but the target and
+    ``data.groupColumn``), the group column if any, and the target, in that order; wrong names
+    raise :class:`StepError` listing the columns there are."""
     columns = [str(c) for c in frame.columns]
     if data.target not in columns:
         raise StepError(
             f"data.target={data.target!r} is not a column of {data.uri}; available columns: "
             f"{_preview(columns)}",
             field="data.target",
+        )
+    group = [data.group_column] if data.group_column is not None else []
+    if group and group[0] not in columns:
+        raise StepError(
+            f"data.groupColumn={group[0]!r} is not a column of {data.uri}; available columns: "
+            f"{_preview(columns)}",
+            field="data.groupColumn",
         )
     if data.features:
         missing = [f for f in data.features if f not in columns]
@@ -439,13 +452,16 @@ def select_columns(frame: pd.DataFrame, data: DataSource) -> pd.DataFrame:
             )
         features = list(data.features)
     else:
-        features = [c for c in columns if c != data.target]
+        # the group id says which query a row belongs to, not what it is: never a feature
+        features = [c for c in columns if c != data.target and c not in group]
     if not features:
         raise StepError(
-            f"{data.uri} has no column besides the target {data.target!r}; add feature columns",
+            f"{data.uri} has no column besides the target {data.target!r}"
+            + (f" and the group column {group[0]!r}" if group else "")
+            + "; add feature columns",
             field="data.features",
         )
-    return frame.loc[:, [*features, data.target]]
+    return frame.loc[:, [*features, *group, data.target]]
 
 
 def label_strings(target: pd.Series) -> pd.Series:
@@ -529,7 +545,7 @@ def infer_schema(frame: pd.DataFrame, data: DataSource) -> DatasetSchema:
     features = [
         FeatureInfo(name, _feature_kind(frame[name]))
         for name in frame.columns
-        if name != data.target
+        if name not in (data.target, data.group_column)
     ]
     builtin = _builtin_name(data.uri)
     modality: Modality = BUILTIN_MODALITY.get(builtin, "tabular")
@@ -554,6 +570,7 @@ def infer_schema(frame: pd.DataFrame, data: DataSource) -> DatasetSchema:
         classes=classes,
         image_shape=image_shape,
         source=data.uri,
+        group_column=data.group_column or "",
     )
 
 
@@ -603,13 +620,18 @@ def fingerprint(frame: pd.DataFrame) -> str:
 
 
 def split(
-    frame: pd.DataFrame, settings: Split, *, target: str, task: str
+    frame: pd.DataFrame, settings: Split, *, target: str, task: str, group_column: str = ""
 ) -> dict[str, pd.DataFrame]:
     """Seeded train/validation/test split (keys :data:`~kubeloop_pipelines.contract.SPLITS`).
-    Classification with ``settings.stratify`` splits each class separately, so every split
-    keeps the class ratios (a class of 3 rows still lands in all three splits)."""
+    With ``group_column`` (data.groupColumn) whole groups go to one split each (see
+    ml/group_split.py), so a query's rows are never both trained on and ranked in test.
+    Otherwise classification with ``settings.stratify`` splits each class separately, so every
+    split keeps the class ratios (a class of 3 rows still lands in all three splits)."""
     rng = np.random.default_rng(settings.seed)
     positions = np.arange(len(frame))
+    if group_column:
+        parts_of_groups = group_parts(frame[group_column], settings, rng, column=group_column)
+        return _shuffled_splits(frame, parts_of_groups, rng)
     if task == "classification" and settings.stratify:
         labels = label_strings(frame[target]).to_numpy()
         groups = [positions[labels == label] for label in sorted(set(labels))]
@@ -626,9 +648,19 @@ def split(
         parts["test"].append(shuffled[:n_test])
         parts["validation"].append(shuffled[n_test : n_test + n_validation])
         parts["train"].append(shuffled[n_test + n_validation :])
+    return _shuffled_splits(frame, parts, rng)
+
+
+def _shuffled_splits(
+    frame: pd.DataFrame, parts: dict[str, list[np.ndarray]], rng: np.random.Generator
+) -> dict[str, pd.DataFrame]:
     out: dict[str, pd.DataFrame] = {}
     for name in SPLITS:
-        # rows of one split keep a seeded shuffled order, not grouped by class
-        chosen = rng.permutation(np.concatenate(parts[name])) if parts[name] else positions[:0]
+        # rows of one split keep a seeded shuffled order, not grouped by class or group
+        chosen = (
+            rng.permutation(np.concatenate(parts[name]))
+            if parts[name]
+            else np.arange(len(frame))[:0]
+        )
         out[name] = frame.iloc[chosen].reset_index(drop=True)
     return out

@@ -36,8 +36,8 @@ import numpy.typing as npt
 from sklearn import metrics as skm
 
 from kubeloop.api.training_run import Gate
-from kubeloop.contract.artifact import PROGRAM_FILE
-from kubeloop.contract.evaluation import METRICS_BY_TASK
+from kubeloop.contract.artifact import model_size_bytes
+from kubeloop.contract.evaluation import gate_metrics
 from kubeloop.serving.artifact import LoadedModel
 from kubeloop_pipelines.contract import StepError
 
@@ -61,9 +61,10 @@ OPS = {
 }
 
 
-def available_metrics(task: str) -> tuple[str, ...]:
-    """The metrics evaluation produces for ``task`` (gates may use any of them)."""
-    return METRICS_BY_TASK[task]
+def available_metrics(task: str, *, ranked: bool = False) -> tuple[str, ...]:
+    """The metrics evaluation produces for ``task`` (gates may use any of them); ``ranked``:
+    rows are ranked within data.groupColumn groups, adding map_at_k and ndcg_at_k."""
+    return gate_metrics(task, ranked=ranked)
 
 
 # --- metrics -----------------------------------------------------------------------------
@@ -193,12 +194,13 @@ def format_value(value: float) -> str:
 
 
 def check_gates(
-    gates: Sequence[Gate], metrics: Mapping[str, float], task: str
+    gates: Sequence[Gate], metrics: Mapping[str, float], task: str, *, ranked: bool = False
 ) -> tuple[bool, list[dict[str, Any]]]:
     """Every gate against ``metrics``: ``(all passed, one result per gate)``. A gate on a metric
-    this task does not produce raises StepError naming ``evaluation.gates[i].metric``; a gate on
-    a metric that could not be computed on this data (e.g. roc_auc with one class) fails."""
-    allowed = available_metrics(task)
+    this task does not produce (``ranked``: see :func:`available_metrics`) raises StepError
+    naming ``evaluation.gates[i].metric``; a gate on a metric that could not be computed on
+    this data (e.g. roc_auc with one class) fails."""
+    allowed = available_metrics(task, ranked=ranked)
     results: list[dict[str, Any]] = []
     for i, gate in enumerate(gates):
         if gate.metric not in allowed:
@@ -385,7 +387,7 @@ def serving_cost(
     batch_rows = data[np.arange(batch) % len(data)]
     return {
         "latency_ms": median_latency_ms(model.predict, batch_rows),
-        "size_mb": (Path(model_dir) / PROGRAM_FILE).stat().st_size / 1e6,
+        "size_mb": model_size_bytes(Path(model_dir)) / 1e6,
     }
 
 

@@ -63,6 +63,7 @@ class Explanation:
     heatmaps: npt.NDArray[np.float64] | None = None  # (k, H, W): images (Grad-CAM or |IG|)
     sample_tokens: list[list[str]] | None = None  # text: the word at each position
     notes: list[str] = field(default_factory=list)
+    sample_method: str = "Integrated Gradients"  # what the per-sample attributions are
 
     def ranking(self) -> list[tuple[str, float]]:
         """Features by decreasing importance."""
@@ -437,7 +438,7 @@ def plot_samples(explanation: Explanation, top: int = 10, rows: int = 12) -> byt
     ax.set_yticks(range(len(attr)), explanation.sample_labels[: len(attr)], fontsize=7)
     ax.set_ylabel("sample (predicted)")
     fig.colorbar(image, ax=ax, label="attribution")
-    ax.set_title("Per-sample attributions (Integrated Gradients)")
+    ax.set_title(f"Per-sample attributions ({explanation.sample_method})")
     return figure_png(fig)
 
 

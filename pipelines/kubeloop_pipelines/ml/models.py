@@ -1,5 +1,5 @@
 """The model families: an MLP for tables, a CNN and a small ResNet for images, a Transformer
-encoder for token sequences.
+encoder and recurrent networks (rnn, lstm, gru: ml/recurrent.py) for token sequences.
 
 A model is described by an *arch*: a small JSON-able dict (family, input shape, outputs and the
 family's hyperparameters) that :func:`arch_from` derives from the spec's ``model`` section plus
@@ -20,22 +20,25 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from kubeloop.api.training_run import Imbalance, ModelSpec
+from kubeloop.api.training_run import Imbalance, ModelSpec, TreeSpec
 from kubeloop_pipelines.contract import StepError
+from kubeloop_pipelines.ml.recurrent import RECURRENT_FAMILIES, RecurrentNetwork
 
-FAMILIES = ("mlp", "cnn", "resnet", "transformer")
+FAMILIES = ("mlp", "cnn", "resnet", "transformer", *RECURRENT_FAMILIES)
 PAD_ID = 0  # token id 0 pads text sequences (ml/text.py)
 
 # Hyperparameters a search space may name: the camelCase fields of ``model`` (optionally as
-# ``model.<name>``) and these of ``imbalance``. earlyStopping is a section, not a value.
+# ``model.<name>``) and these of ``imbalance``. earlyStopping is a section, not a value;
+# ``trees`` is one too, tuned field by field as ``trees.<name>`` (``model.trees.numLeaves``).
 MODEL_PARAMS = tuple(
     info.alias or name
     for name, info in ModelSpec.model_fields.items()
-    if name not in {"early_stopping"}
+    if name not in {"early_stopping", "trees"}
 )
+TREE_PARAMS = tuple(f"trees.{info.alias or name}" for name, info in TreeSpec.model_fields.items())
 IMBALANCE_PARAMS = ("imbalance.focalGamma", "imbalance.targetRatio")
 LIST_PARAMS = ("hiddenLayers", "channels")
-TUNABLE_PARAMS = (*MODEL_PARAMS, *IMBALANCE_PARAMS)
+TUNABLE_PARAMS = (*MODEL_PARAMS, *TREE_PARAMS, *IMBALANCE_PARAMS)
 
 
 def param_key(name: str) -> str:
@@ -70,10 +73,15 @@ def apply_params(
     validated by the same rules as the spec; unknown names and bad values raise StepError."""
     model_values: dict[str, Any] = {}
     imbalance_values: dict[str, Any] = {}
+    tree_values: dict[str, Any] = {}
     for name, raw in params.items():
         key = param_key(name)
         if key in IMBALANCE_PARAMS:
             imbalance_values[key.removeprefix("imbalance.")] = raw
+        elif key in TREE_PARAMS:
+            tree_values[key.removeprefix("trees.")] = raw
+        elif key == "trees":  # the whole section, as resolved_params writes params.json
+            model_values[key] = raw
         elif key in MODEL_PARAMS:
             model_values[key] = parse_param(key, raw)
         else:
@@ -82,7 +90,10 @@ def apply_params(
                 field="tuning.searchSpace",
             )
     try:
-        new_model = ModelSpec.model_validate({**model.model_dump(by_alias=True), **model_values})
+        merged = {**model.model_dump(by_alias=True), **model_values}
+        if tree_values:
+            merged["trees"] = {**(merged.get("trees") or {}), **tree_values}
+        new_model = ModelSpec.model_validate(merged)
         new_imbalance = Imbalance.model_validate(
             {**imbalance.model_dump(by_alias=True), **imbalance_values}
         )
@@ -159,6 +170,22 @@ def arch_from(
             embedding_dim=int(model.embedding_dim),
             heads=int(model.heads),
             layers=int(model.layers),
+        )
+    elif model.family in RECURRENT_FAMILIES:
+        # The data layer has no numeric-sequence modality (yet): recurrent families read text.
+        if len(shape) != 1 or vocab_size < 2:
+            raise StepError(
+                f"model.family={model.family!r} needs token sequences (text: input shape (L,) "
+                f"and a vocabulary); the prepared data has shape {tuple(shape)} and vocab_size="
+                f"{vocab_size}: use 'mlp' for tables or 'cnn'/'resnet' for images",
+                field="model.family",
+            )
+        arch.update(
+            vocab_size=int(vocab_size),
+            embedding_dim=int(model.embedding_dim),
+            hidden_size=int(model.hidden_size),
+            layers=int(model.layers),
+            bidirectional=bool(model.bidirectional),
         )
     return arch
 
@@ -368,6 +395,13 @@ def build_model(arch: Mapping[str, Any]) -> nn.Module:
         network = TextTransformer(
             int(arch["vocab_size"]), shape[0], n_out, dim=int(arch["embedding_dim"]),
             heads=int(arch["heads"]), layers=int(arch["layers"]), dropout=dropout,
+        )  # fmt: skip
+    elif family in RECURRENT_FAMILIES:
+        network = RecurrentNetwork(
+            str(family), int(arch["vocab_size"]), n_out,
+            embedding_dim=int(arch["embedding_dim"]), hidden_size=int(arch["hidden_size"]),
+            layers=int(arch["layers"]), bidirectional=bool(arch["bidirectional"]),
+            dropout=dropout,
         )  # fmt: skip
     else:
         raise StepError(

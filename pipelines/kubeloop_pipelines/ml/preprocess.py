@@ -6,7 +6,8 @@ Prepared directory (``contract.py`` lists the shared part)
 -----------------------------------------------------------
 - ``train.npz``, ``validation.npz``, ``test.npz``: ``x`` (the network input), ``y`` (class index
   int64 or value float32) and ``rows`` (the same examples in serving encoding, float32; what
-  :meth:`Prepared.serving_rows` returns for drift references and latency tests);
+  :meth:`Prepared.serving_rows` returns for drift references and latency tests) and, with
+  ``data.groupColumn``, ``group`` (each row's group id as text, for the ranking metrics);
 - ``transform.json``: everything fitted (see ``fit_transform`` in ml/transforms.py);
   ``schema.json`` (copied from ingest); ``quality.json`` (:func:`prepare`'s data-quality
   report).
@@ -166,8 +167,18 @@ def prepare(
     for name in SPLITS:
         x = apply_transform(transform, rows[name])
         arrays[name] = x
+        # the group ids ride along row for row (cleaning above dropped rows in step)
+        group = (
+            {"group": label_strings(frames[name][schema.group_column]).to_numpy(dtype=str)}
+            if schema.group_column
+            else {}
+        )
         np.savez(
-            prepared_dir / f"{name}.npz", x=x, y=_targets(frames[name], schema), rows=rows[name]
+            prepared_dir / f"{name}.npz",
+            x=x,
+            y=_targets(frames[name], schema),
+            rows=rows[name],
+            **group,
         )
     quality = quality_report(
         schema,
@@ -205,6 +216,11 @@ class Prepared:
     x_test: npt.NDArray[Any]
     y_test: npt.NDArray[Any]
     rows: dict[str, FloatArray] = field(default_factory=dict, repr=False)
+    groups: dict[str, npt.NDArray[np.str_]] = field(default_factory=dict, repr=False)
+
+    def group_ids(self, split: str) -> npt.NDArray[np.str_] | None:
+        """Each row's data.groupColumn id in ``split`` (None without a group column)."""
+        return self.groups.get(split)
 
     def arrays(self, split: str) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         """``(x, y)`` of ``split`` (train, validation or test)."""
@@ -280,4 +296,5 @@ def load_prepared(prepared_dir: str | Path) -> Prepared:
         x_test=loaded["test"]["x"],
         y_test=loaded["test"]["y"],
         rows={name: loaded[name]["rows"].astype(np.float32) for name in SPLITS},
+        groups={name: loaded[name]["group"] for name in SPLITS if "group" in loaded[name]},
     )

@@ -530,6 +530,12 @@ def train_prepared(
     ``data.split.seed`` so every tuning trial starts from the same weights."""
     task: Task = "classification" if prepared.task == "classification" else "regression"
     model, imbalance = apply_params(spec.model, spec.imbalance, params)
+    if model.family == "lightgbm":
+        from kubeloop_pipelines.ml.gbdt import train_gbdt
+
+        return train_gbdt(
+            spec, prepared, model, imbalance, metric=history_metric(spec, task), callback=callback
+        )
     arch = arch_from(
         model,
         {},
@@ -601,7 +607,12 @@ def save_trained(
     """Write the model directory (``contract.py``): the serving artifact with the transforms
     baked in (``model.pt2`` + ``model.json``: the modality, the reference of
     :func:`model_reference`, the bf16 check on the validation rows), ``arch.json``,
-    ``state.pt``, ``history.json`` and ``params.json``."""
+    ``state.pt``, ``history.json`` and ``params.json``. A forest (``ml/gbdt.py``) writes the
+    ``onnx`` artifact instead."""
+    from kubeloop_pipelines.ml.gbdt import GbdtFit, save_gbdt
+
+    if isinstance(result, GbdtFit):
+        return save_gbdt(model_dir, result, prepared=prepared, params=params)
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     network = result.module.cpu().eval()

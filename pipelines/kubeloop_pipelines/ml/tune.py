@@ -16,7 +16,25 @@ random      RandomSampler                 none
 bayesian    TPESampler (multivariate)     none
 hyperband   TPESampler                    HyperbandPruner (resource = epochs)
 asha        TPESampler                    SuccessiveHalvingPruner (asynchronous)
+cmaes       CmaEsSampler (+ TPE, see      none
+            below)
+gp          GPSampler                     none
 =========== ============================= ==========================================
+
+CMA-ES adapts one multivariate normal over the int and float parameters (int and stepped
+ones with a margin, so the search does not collapse onto one integer). It has no notion of a
+categorical dimension: Optuna samples those with the sampler's *independent* sampler, one
+parameter at a time, without regard to the numeric ones. We make that a seeded univariate TPE
+rather than Optuna's default random sampler, so a good category is still learnt from the
+trials, and log one warning per study naming those parameters (instead of Optuna's warning on
+every trial). With no numeric parameter at all there is nothing for CMA-ES to do: the spec
+refuses ``cmaes`` then (CEL at apply, the model and :func:`validate` here).
+
+GP models the objective with a Gaussian process (Matérn 5/2 kernel, Hamming distance for
+categorical parameters, so it needs no fallback) and picks the next point by log expected
+improvement; it uses torch and scipy. ``deterministic_objective`` stays off: with
+``parallelTrials`` > 1 the same parameters need not score the same (see Reproducibility), so
+the GP keeps a noise term.
 
 Search space: ``int`` and ``float`` parameters are sampled between ``min`` and ``max``
 (``log`` on a log scale, ``step`` on a linear grid), ``categorical`` ones from ``values``. The
@@ -34,9 +52,11 @@ so what the sampler has seen) and the dropout draws (torch's generator is proces
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +73,8 @@ from kubeloop_pipelines.ml.models import (
     parse_param,
 )
 from kubeloop_pipelines.ml.train import check_metric
+
+logger = logging.getLogger(__name__)
 
 # The objective: hyperparameters → validation score. It calls ``report(epoch, value)`` after
 # every epoch; ``report`` raises ``optuna.TrialPruned`` when the pruner stops the trial.
@@ -108,6 +130,7 @@ class TuneResult:
     best_value: float
     trials: list[TrialRecord] = field(default_factory=list)
     seconds: float = 0.0
+    sampler: str = ""  # the Optuna sampler's class, e.g. CmaEsSampler
 
     @property
     def completed(self) -> int:
@@ -238,6 +261,13 @@ def validate(tuning: Tuning, task: str) -> None:
                 "(or use categorical values)",
                 field=f"{where}.step",
             )
+    if tuning.algorithm == "cmaes" and not numeric_params(tuning):
+        raise StepError(
+            f"tuning.algorithm='cmaes' with only categorical parameters "
+            f"({', '.join(p.name for p in tuning.search_space)}): CMA-ES searches int and float "
+            "parameters, at least one is needed; use grid, random, bayesian or gp",
+            field="tuning.searchSpace",
+        )
     if tuning.algorithm == "grid":
         size = grid_size(tuning)
         if size > tuning.max_trials:
@@ -272,7 +302,13 @@ def suggest(trial: Any, tuning: Tuning) -> dict[str, Any]:
     return params
 
 
-def _sampler(tuning: Tuning) -> Any:
+def numeric_params(tuning: Tuning) -> list[SearchParameter]:
+    """The int and float parameters of the search space (what CMA-ES models)."""
+    return [p for p in tuning.search_space if p.type != "categorical"]
+
+
+def make_sampler(tuning: Tuning) -> Any:
+    """The seeded Optuna sampler of ``tuning.algorithm`` (the table above)."""
     import optuna
 
     seed = tuning.seed
@@ -281,9 +317,44 @@ def _sampler(tuning: Tuning) -> Any:
         return optuna.samplers.GridSampler(space, seed=seed)
     if tuning.algorithm == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    # TPE's random start-up phase, scaled to small budgets (Optuna's default is 10 trials).
+    # The model-based samplers' random start-up phase, scaled to small budgets (Optuna's
+    # default is 10 trials for TPE and GP).
     startup = max(2, min(10, tuning.max_trials // 5))
+    if tuning.algorithm == "cmaes":
+        return _cmaes_sampler(tuning, startup)
+    if tuning.algorithm == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+
+
+def _cmaes_sampler(tuning: Tuning, startup: int) -> Any:
+    import optuna
+
+    categorical = [p.name for p in tuning.search_space if p.type == "categorical"]
+    if categorical:
+        logger.warning(
+            "tuning.algorithm=cmaes: CMA-ES models only the numeric parameters; the categorical "
+            "%s sampled independently by a seeded TPE",
+            f"{', '.join(categorical)} {'is' if len(categorical) == 1 else 'are'}",
+        )
+    # A margin keeps the distribution from fixing an int (or stepped) dimension to one value.
+    discrete = any(
+        p.type == "int" or (p.step is not None and not p.log) for p in numeric_params(tuning)
+    )
+    with warnings.catch_warnings():
+        # with_margin is marked experimental in Optuna; the choice is deliberate (above).
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.CmaEsSampler(
+            seed=tuning.seed,
+            # CMA-ES itself needs no random start (it starts at the centre of the space); the
+            # categorical dimensions' TPE does.
+            n_startup_trials=1,
+            independent_sampler=optuna.samplers.TPESampler(
+                seed=tuning.seed, n_startup_trials=startup
+            ),
+            warn_independent_sampling=False,
+            with_margin=discrete,
+        )
 
 
 def _pruner(tuning: Tuning, max_resource: int) -> Any:
@@ -332,7 +403,7 @@ def run_study(
         # Hyperband assigns trials to brackets by hashing the study name: fixed for reruns.
         study_name=f"kubeloop-{tuning.algorithm}-{tuning.seed}",
         direction=tuning.objective.direction,
-        sampler=_sampler(tuning),
+        sampler=make_sampler(tuning),
         pruner=_pruner(tuning, max_resource),
     )
     lock = threading.Lock()
@@ -424,6 +495,7 @@ def run_study(
         best_value=best_value,
         trials=[records[n] for n in sorted(records)],
         seconds=time.perf_counter() - began,
+        sampler=type(study.sampler).__name__,
     )
 
 

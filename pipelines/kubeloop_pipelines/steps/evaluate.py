@@ -4,12 +4,15 @@ learning-curve verdict and the evaluation report.
 The model evaluated is the exported artifact (``model.pt2`` + ``model.json``) fed the raw test
 rows, exactly as serving will be fed: the metrics are what serving will produce, transforms
 included. ``latency_ms`` and ``size_mb`` are measured on the same artifact so gates can use
-them. Writes ``evaluation.json``::
+them. With ``data.groupColumn`` the test rows are also ranked within their groups
+(``map_at_k``, ``ndcg_at_k``: ml/ranking.py). ``evaluation.fitGate`` adds the learning-curve
+verdict to the gates (ml/fit_gate.py). Writes ``evaluation.json``::
 
     {"task": ..., "metrics": {...}, "gates": [{metric, op, threshold, actual, passed, text}],
      "gatesPassed": bool, "gateSummary": "f1=0.97>=0.9 ✓ ...",
      "verdict": {"verdict": "good fit", "explanation": ...} | null,
-     "confusion": {"labels": [...], "matrix": [[...]]} | null}
+     "confusion": {"labels": [...], "matrix": [[...]]} | null,
+     "ranking": {"k": 10, "groups": 36, "groupsWithoutRelevant": 2} | null}
 
 and publishes ``reports/evaluation.html``, ``metrics.json`` and ``plots/evaluation_*.png``.
 """
@@ -29,7 +32,9 @@ from kubeloop.contract.steps import EVALUATION_FILE
 from kubeloop.serving.artifact import ArtifactError, load_model
 from kubeloop_pipelines.contract import HISTORY_FILE, StepError, StepResult, write_json
 from kubeloop_pipelines.ml import evaluate as ev
-from kubeloop_pipelines.ml.preprocess import load_prepared
+from kubeloop_pipelines.ml import ranking
+from kubeloop_pipelines.ml.fit_gate import check_fit_gate
+from kubeloop_pipelines.ml.preprocess import Prepared, load_prepared
 from kubeloop_pipelines.progress import StepReport, publish
 
 REPORT = "reports/evaluation.html"
@@ -59,6 +64,35 @@ def _baseline_loss(spec: TrainingRunSpec, task: str, n_classes: int) -> float | 
     return None
 
 
+def _rank_test_groups(
+    spec: TrainingRunSpec, prepared: Prepared, task: str, outputs: Any, classes: list[str]
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """map_at_k and ndcg_at_k of the test rows ranked within their groups, and the details for
+    evaluation.json; nothing without data.groupColumn."""
+    groups = prepared.group_ids("test")
+    if groups is None:
+        return {}, None
+    k = spec.evaluation.ranking.k if spec.evaluation.ranking else ranking.DEFAULT_K
+    return ranking.ranking_metrics(task, prepared.y_test, outputs, groups, classes=classes, k=k)
+
+
+def _judge(
+    spec: TrainingRunSpec,
+    metrics: dict[str, float],
+    task: str,
+    *,
+    ranked: bool,
+    verdict: tuple[str, str] | None,
+) -> tuple[bool, list[dict[str, Any]], str]:
+    """The metric gates, then the fit gate (when the spec has one) on the verdict: ``(all
+    passed, one result per gate, the one-line summary)``."""
+    passed, gates = ev.check_gates(spec.evaluation.gates, metrics, task, ranked=ranked)
+    if spec.evaluation.fit_gate is not None:
+        gates.append(check_fit_gate(spec.evaluation.fit_gate, verdict))
+        passed = passed and bool(gates[-1]["passed"])
+    return passed, gates, ev.gate_summary(gates)
+
+
 def run(
     spec: TrainingRunSpec,
     *,
@@ -82,10 +116,10 @@ def run(
     report.update(message=f"predicting {len(rows)} test rows with the serving artifact")
     outputs = model.predict(rows)
     metrics = ev.compute_metrics(task, y_test, outputs, classes=classes)
+    ranking_scores, ranked = _rank_test_groups(spec, prepared, task, outputs, classes)
+    metrics.update(ranking_scores)
     report.update(message="measuring serving latency and size")
     metrics.update(ev.serving_cost(model, model_dir, rows))
-    passed, gates = ev.check_gates(spec.evaluation.gates, metrics, task)
-    summary = ev.gate_summary(gates)
 
     history = _history(model_dir) if spec.evaluation.learning_curves else None
     verdict = (
@@ -93,6 +127,7 @@ def run(
         if history
         else None
     )
+    passed, gates, summary = _judge(spec, metrics, task, ranked=ranked is not None, verdict=verdict)
     plots: dict[str, bytes] = {}
     matrix: tuple[list[str], list[list[int]]] | None = None
     roc: tuple[list[float], list[float], list[float]] | None = None
@@ -114,6 +149,7 @@ def run(
         "gateSummary": summary,
         "verdict": {"verdict": verdict[0], "explanation": verdict[1]} if verdict else None,
         "confusion": {"labels": matrix[0], "matrix": matrix[1]} if matrix else None,
+        "ranking": ranked,
         "testRows": len(rows),
     }
     write_json(evaluation_path, evaluation)

@@ -51,7 +51,13 @@ def run(
         )
     schema = datasets.infer_schema(labelled, data)
     report.update(message=f"splitting {len(labelled)} rows ({schema.modality}, {schema.task})")
-    parts = datasets.split(labelled, data.split, target=data.target, task=data.task)
+    parts = datasets.split(
+        labelled,
+        data.split,
+        target=data.target,
+        task=data.task,
+        group_column=data.group_column or "",
+    )
     # the digest covers every source's rows (the table they make, in order), so lineage's
     # datasetSha256 changes when an appended source does
     schema.sha256 = datasets.fingerprint(labelled)

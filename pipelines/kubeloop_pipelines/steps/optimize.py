@@ -11,6 +11,10 @@ becomes a complete model directory of the chosen variant (the baseline when none
 - ``history.json``/``params.json``: the trained model's (no history for a student);
 - ``optimization.json``: every variant measured, kept or rejected and why, and the choice.
 
+A forest (``model.family: lightgbm``, the ``onnx`` artifact) is copied unchanged: every
+variant here rewrites a torch network, so each requested one is recorded as unsupported with
+its reason in ``optimization.json``.
+
 Publishes ``reports/optimization.html``.
 """
 
@@ -39,6 +43,7 @@ from kubeloop_pipelines.contract import (
 )
 from kubeloop_pipelines.ml import optimize as opt
 from kubeloop_pipelines.ml.evaluate import SERVING_BATCH, html_page, html_table
+from kubeloop_pipelines.ml.gbdt import is_tree_model
 from kubeloop_pipelines.ml.models import build_model
 from kubeloop_pipelines.ml.preprocess import Prepared, load_prepared
 from kubeloop_pipelines.ml.train import load_trained, serving_module
@@ -46,6 +51,15 @@ from kubeloop_pipelines.progress import StepReport, publish
 
 REPORT = "reports/optimization.html"
 OPTIMIZATION_FILE = "optimization.json"
+# Why each variant does not apply to an ONNX forest.
+TREE_SKIPS = {
+    "pruned": "magnitude pruning zeroes network weights; a forest's size is set by "
+    "model.trees (numLeaves, nEstimators)",
+    "int8": "int8 (torchao) quantises torch linear layers; an ONNX forest has none",
+    "distilled": "distillation trains an MLP student on a network teacher's logits; not "
+    "offered for forests",
+    "bf16": "gradient-boosted trees run in fp32 on onnxruntime's CPU provider",
+}
 
 
 def objective_metric(spec: TrainingRunSpec, task: str) -> str:
@@ -183,6 +197,36 @@ def _report(metric: str, table: list[opt.Variant], spec: TrainingRunSpec) -> str
     return html_page("Optimisation", [("Variants", rule + html_table(header, rows))])
 
 
+def _skip_for_trees(
+    spec: TrainingRunSpec, run_uri: str, model_dir: Path, optimized_dir: Path, report_html: Path
+) -> StepResult:
+    """The forest as trained, with a reason for every requested variant."""
+    o = spec.optimization
+    asked = {"pruned": o.pruning > 0, "int8": o.quantize_int8, "distilled": bool(
+        o.distill_hidden_layers), "bf16": True}  # fmt: skip
+    skipped = {name: TREE_SKIPS[name] for name, wanted in asked.items() if wanted}
+    shutil.copytree(model_dir, optimized_dir, dirs_exist_ok=True)
+    write_json(
+        optimized_dir / OPTIMIZATION_FILE,
+        {"chosen": "baseline", "format": "onnx", "variants": [
+            {"name": name, "status": "unsupported", "reason": why}
+            for name, why in skipped.items()
+        ]},
+    )  # fmt: skip
+    rows = [[name, "unsupported", why] for name, why in skipped.items()]
+    report_html.write_text(
+        html_page("Optimisation", [("Gradient-boosted trees (ONNX): used as trained",
+                                    html_table(["variant", "outcome", "why"], rows))])
+    )  # fmt: skip
+    if run_uri:
+        publish(run_uri, REPORT, report_html)
+    return StepResult(
+        outputs={"chosen": "baseline", "optimized": False,
+                 "variants": {name: f"unsupported: {why}" for name, why in skipped.items()}},
+        published={"optimization_report": REPORT} if run_uri else {},
+    )  # fmt: skip
+
+
 def run(
     spec: TrainingRunSpec,
     *,
@@ -206,6 +250,9 @@ def run(
             outputs={"chosen": "baseline", "optimized": False},
             published={"optimization_report": REPORT} if run_uri else {},
         )
+
+    if is_tree_model(model_dir):
+        return _skip_for_trees(spec, run_uri, model_dir, optimized_dir, report_html)
 
     report.update(message="loading the trained model", force=True)
     prepared = load_prepared(prepared_dir)

@@ -21,7 +21,7 @@ from typing import Any
 
 from kubeloop.api.model_version import ModelVersionSpec
 from kubeloop.api.training_run import TrainingRunSpec
-from kubeloop.contract.artifact import METADATA_FILE, REGISTRY_FORMAT, digest
+from kubeloop.contract.artifact import FORMAT, METADATA_FILE, REGISTRY_FORMATS, digest
 from kubeloop.contract.reference import manifest_reference
 from kubeloop.contract.steps import MANIFEST_FILE, MODEL_DIR
 from kubeloop_pipelines.contract import (
@@ -67,7 +67,14 @@ def build_manifest(
         if task == "classification"
         else [{"name": "prediction", "dtype": "float32", "shape": []}]
     )
-    artifact: dict[str, Any] = {"uri": artifact_uri, "format": REGISTRY_FORMAT}
+    # model.json's format (torch-export, onnx) as the registry names it (torch, onnx)
+    fmt = str(model_json.get("format") or FORMAT)
+    if fmt not in REGISTRY_FORMATS:
+        raise StepError(
+            f"{METADATA_FILE} has format={fmt!r}; expected one of {list(REGISTRY_FORMATS)}"
+        )
+    registry_format = REGISTRY_FORMATS[fmt]
+    artifact: dict[str, Any] = {"uri": artifact_uri, "format": registry_format}
     if sha256:
         artifact["sha256"] = sha256
     if size_bytes is not None:
@@ -79,7 +86,7 @@ def build_manifest(
     manifest_spec: dict[str, Any] = {
         "artifact": artifact,
         "task": task,
-        "framework": "torch",
+        "framework": registry_format,
         "metrics": _metrics(evaluation),
         "signature": {
             "inputs": [{"name": f[:128], "dtype": "float32", "shape": []} for f in features],

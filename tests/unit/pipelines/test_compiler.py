@@ -358,3 +358,24 @@ def test_the_credentials_secret_reaches_only_the_ingest_step() -> None:
         )
     )
     assert "lake-reader" not in plain.ir_yaml
+
+
+def test_kfps_caller_lookup_is_the_cheap_one_and_words_kfps_message_the_same() -> None:
+    """kfp's task setters ask ``inspect.stack()[1][3]`` for their caller's name
+    (kfp_caller_lookup.py); the cheap stack gives the same name from frames alone."""
+    from kfp.dsl import pipeline_task
+
+    from kubeloop_pipelines import kfp_caller_lookup
+
+    assert isinstance(pipeline_task.inspect, kfp_caller_lookup._CheapStack)
+
+    def set_cpu_limit() -> str:
+        return str(pipeline_task.inspect.stack()[1][3])
+
+    def caller() -> str:
+        return set_cpu_limit()
+
+    assert caller() == "caller"  # what kfp names in "… can only be used on single-step …"
+    real = [f.function for f in __import__("inspect").stack()[:3]]
+    cheap = [f.function for f in pipeline_task.inspect.stack()[:3]]
+    assert cheap == real
