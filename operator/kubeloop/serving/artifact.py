@@ -33,11 +33,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -52,20 +50,38 @@ from kubeloop.contract.artifact import (
     TASKS,
 )
 from kubeloop.contract.reference import MODALITIES, TABULAR
+from kubeloop.serving.loaded_model import (
+    DEVICES,
+    ArtifactError,
+    FloatArray,
+    LoadedModel,
+    Task,
+    export_rows_program,
+    metadata_fields,
+    outputs,
+    resolve_device,
+)
+from kubeloop.serving.onnx_model import load_onnx_model
 
-Task = Literal["classification", "regression"]
-FloatArray = npt.NDArray[np.float32]
-DEVICES: Final = ("cpu", "cuda", "auto")
+__all__ = [  # what the model server, the pipeline and the tests import from here
+    "DEVICES",
+    "ArtifactError",
+    "FloatArray",
+    "LoadedModel",
+    "Task",
+    "bf16_check",
+    "export_rows_program",
+    "load_model",
+    "resolve_device",
+    "save_model",
+]
+
 
 # The bf16 accuracy check (see the module docstring).
 BF16_CHECK_ROWS: Final = 2048
 BF16_MIN_AGREEMENT: Final = 0.99
 BF16_MAX_MEAN_PROBABILITY_DIFF: Final = 0.01
 BF16_MAX_RELATIVE_ERROR: Final = 0.01
-
-
-class ArtifactError(Exception):
-    """The artifact directory cannot be saved or loaded; the message says which file and why."""
 
 
 def save_model(
@@ -126,19 +142,6 @@ def save_model(
     return out
 
 
-def export_rows_program(module: torch.nn.Module, width: int) -> torch.export.ExportedProgram:
-    """``module`` (rows of ``width`` floats in) exported with a dynamic batch dimension."""
-    # An example batch of 2: torch.export specialises sizes 0 and 1, so 2 keeps the batch symbolic.
-    example = torch.zeros(2, width, dtype=torch.float32)
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    return torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
-
-
-def _outputs(raw: torch.Tensor, task: str) -> torch.Tensor:
-    raw = raw.float()
-    return torch.softmax(raw, dim=1) if task == "classification" else raw.reshape(raw.shape[0])
-
-
 def bf16_check(module: torch.nn.Module, scaled: FloatArray, task: str) -> dict[str, Any]:
     """Whether ``module`` predicts like itself under bf16 autocast on ``scaled`` rows (measured
     on the CPU, whose autocast rounds matmul and convolution inputs to bf16 as CUDA's does)."""
@@ -147,9 +150,9 @@ def bf16_check(module: torch.nn.Module, scaled: FloatArray, task: str) -> dict[s
     x = torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32))
     try:
         with torch.inference_mode():
-            full = _outputs(module(x), task).numpy().astype(np.float64)
+            full = outputs(module(x), task).numpy().astype(np.float64)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                half = _outputs(module(x), task).numpy().astype(np.float64)
+                half = outputs(module(x), task).numpy().astype(np.float64)
     except Exception as exc:  # a model that cannot run in bf16 at all stays in fp32
         reason = f"{type(exc).__name__}: {exc}"[:300]
         return {"allowed": False, "rows": len(x), "reason": reason}
@@ -165,90 +168,6 @@ def bf16_check(module: torch.nn.Module, scaled: FloatArray, task: str) -> dict[s
         result.update(relative_error=error)
         ok = error <= BF16_MAX_RELATIVE_ERROR
     return {"allowed": bool(ok and np.isfinite(half).all()), **result}
-
-
-def resolve_device(device: str) -> str:
-    """``device`` as a torch device type: ``auto`` is CUDA when there is one, else the CPU."""
-    if device not in DEVICES:
-        raise ArtifactError(f"device={device!r}; expected one of {list(DEVICES)}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ArtifactError(
-            "device='cuda' but this machine has no usable CUDA device "
-            "(torch.cuda.is_available() is False); use device 'cpu' or 'auto'"
-        )
-    return device
-
-
-@dataclass
-class LoadedModel:
-    """A loaded artifact: ``predict`` takes raw rows and applies the training scaling itself,
-    on ``device`` (bf16 autocast when ``bf16``)."""
-
-    module: torch.nn.Module
-    task: Task
-    features: list[str]
-    classes: list[str]
-    mean: FloatArray
-    scale: FloatArray
-    reference: dict[str, Any]
-    modality: str = TABULAR
-    device: str = "cpu"
-    bf16: bool = False
-    precision: dict[str, Any] = field(default_factory=dict)
-    # CUDA only: page-locked host buffers for the copies in and out, grown as needed.
-    _pinned_in: torch.Tensor | None = field(default=None, init=False, repr=False)
-    _pinned_out: torch.Tensor | None = field(default=None, init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-
-    @property
-    def n_features(self) -> int:
-        return len(self.features)
-
-    def check_rows(self, x: npt.ArrayLike) -> FloatArray:
-        """``x`` as float32 of shape (n, n_features), or ValueError saying what was expected."""
-        rows = np.asarray(x, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != self.n_features or rows.shape[0] == 0:
-            raise ValueError(
-                f"input has shape {list(rows.shape)}; expected [n, {self.n_features}] with n >= 1 "
-                f"(one row of {self.n_features} features: {', '.join(self.features[:3])}, ...)"
-            )
-        return rows
-
-    def predict(self, x: npt.ArrayLike) -> FloatArray:
-        """Class probabilities, shape (n, n_classes), or regression values, shape (n,)."""
-        rows = self.check_rows(x)
-        scaled = np.ascontiguousarray((rows - self.mean) / self.scale, dtype=np.float32)
-        if self.device != "cpu":
-            return self._predict_on_device(scaled)
-        with torch.inference_mode():
-            out = _outputs(self.module(torch.from_numpy(scaled)), self.task)
-        return np.asarray(out.numpy(), dtype=np.float32)
-
-    def _predict_on_device(self, scaled: FloatArray) -> FloatArray:
-        n = len(scaled)
-        with self._lock, torch.inference_mode():
-            self._pinned_in = _room(self._pinned_in, scaled.size)
-            host_in = self._pinned_in[: scaled.size].view(scaled.shape)
-            host_in.copy_(torch.from_numpy(scaled))
-            batch = host_in.to(self.device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-                out = _outputs(self.module(batch), self.task)
-            self._pinned_out = _room(self._pinned_out, out.numel())
-            host_out = self._pinned_out[: out.numel()].view(out.shape)
-            host_out.copy_(out, non_blocking=True)
-            torch.cuda.current_stream().synchronize()
-            # A copy: the pinned buffer is reused by the next batch.
-            return np.array(host_out.numpy()[:n], dtype=np.float32)
-
-
-def _room(buffer: torch.Tensor | None, size: int) -> torch.Tensor:
-    """A pinned float32 buffer of at least ``size`` elements (``buffer`` when it is enough)."""
-    if buffer is not None and buffer.numel() >= size:
-        return buffer
-    capacity = 1 << max(size - 1, 1).bit_length()
-    return torch.empty(capacity, dtype=torch.float32, pin_memory=True)
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -286,20 +205,6 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
-def metadata_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The :class:`LoadedModel` fields a checked ``model.json`` gives, whatever the format."""
-    return {
-        "task": meta["task"],
-        "features": [str(f) for f in meta["features"]],
-        "classes": [str(c) for c in meta.get("classes") or []],
-        "mean": np.asarray(meta["preprocess"]["mean"], dtype=np.float32),
-        "scale": np.asarray(meta["preprocess"]["scale"], dtype=np.float32),
-        "reference": dict(meta.get("reference") or {}),
-        "modality": str(meta["modality"]),
-        "precision": dict(meta.get("precision") or {}),
-    }
-
-
 def load_model(directory: str | Path, *, device: str = "cpu") -> LoadedModel:
     """Load an artifact written by :func:`save_model` onto ``device`` ("cpu", "cuda" or
     "auto"); ArtifactError names what is wrong."""
@@ -309,8 +214,6 @@ def load_model(directory: str | Path, *, device: str = "cpu") -> LoadedModel:
     meta = _read_metadata(root / METADATA_FILE)
     target = resolve_device(device)
     if meta["format"] == ONNX_FORMAT:
-        from kubeloop.serving.onnx_model import load_onnx_model
-
         return load_onnx_model(root, meta)
     program_path = root / PROGRAM_FILE
     if not program_path.is_file():

@@ -35,7 +35,7 @@ from kubeloop.contract.artifact import (
     TRANSFORM_PROGRAM_FILE,
 )
 from kubeloop.contract.reference import MODALITIES, TABULAR
-from kubeloop.serving.artifact import (
+from kubeloop.serving.loaded_model import (
     ArtifactError,
     FloatArray,
     LoadedModel,

@@ -40,7 +40,14 @@ from kubeloop_pipelines.contract import (
     write_json,
 )
 from kubeloop_pipelines.ml.imbalance import class_weights, resample
-from kubeloop_pipelines.ml.train import EpochCallback, EpochStats, FitResult, Task, score
+from kubeloop_pipelines.ml.train import (
+    EpochCallback,
+    EpochStats,
+    FitResult,
+    Task,
+    reference_summary,
+    score,
+)
 
 if TYPE_CHECKING:
     import lightgbm as lgb
@@ -353,7 +360,6 @@ def save_gbdt(
     model_dir: str | Path, result: GbdtFit, *, prepared: Prepared, params: Mapping[str, Any]
 ) -> Path:
     """Write the model directory of a forest (see the module docstring)."""
-    from kubeloop_pipelines.ml.train import reference_summary
     from kubeloop_pipelines.ml.transforms import transform_module
 
     out = Path(model_dir)

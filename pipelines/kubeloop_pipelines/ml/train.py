@@ -7,7 +7,7 @@ validation loss with the best weights restored, and a per-epoch history. A ``cal
 every epoch (progress reports, Optuna's ``trial.report``); an exception it raises (such as
 ``optuna.TrialPruned``) stops training and propagates.
 
-:func:`save_trained` writes the model directory of ``contract.py``; :func:`load_trained`
+:func:`save_network` writes the model directory of ``contract.py``; :func:`load_trained`
 rebuilds the eager module from it.
 
 Longer than the house ~400 lines: the loop, its metrics and the directory it writes are read
@@ -517,7 +517,7 @@ def history_metric(spec: TrainingRunSpec, task: str) -> str:
     return default_metric(task)
 
 
-def train_prepared(
+def train_network(
     spec: TrainingRunSpec,
     prepared: Prepared,
     params: Mapping[str, Any],
@@ -530,12 +530,6 @@ def train_prepared(
     ``data.split.seed`` so every tuning trial starts from the same weights."""
     task: Task = "classification" if prepared.task == "classification" else "regression"
     model, imbalance = apply_params(spec.model, spec.imbalance, params)
-    if model.family == "lightgbm":
-        from kubeloop_pipelines.ml.gbdt import train_gbdt
-
-        return train_gbdt(
-            spec, prepared, model, imbalance, metric=history_metric(spec, task), callback=callback
-        )
     arch = arch_from(
         model,
         {},
@@ -597,7 +591,7 @@ def serving_module(network: nn.Module, prepared: Prepared) -> nn.Module:
     return nn.Sequential(transform_module(prepared.transform), network).eval()
 
 
-def save_trained(
+def save_network(
     model_dir: str | Path,
     result: FitResult,
     *,
@@ -607,12 +601,7 @@ def save_trained(
     """Write the model directory (``contract.py``): the serving artifact with the transforms
     baked in (``model.pt2`` + ``model.json``: the modality, the reference of
     :func:`model_reference`, the bf16 check on the validation rows), ``arch.json``,
-    ``state.pt``, ``history.json`` and ``params.json``. A forest (``ml/gbdt.py``) writes the
-    ``onnx`` artifact instead."""
-    from kubeloop_pipelines.ml.gbdt import GbdtFit, save_gbdt
-
-    if isinstance(result, GbdtFit):
-        return save_gbdt(model_dir, result, prepared=prepared, params=params)
+    ``state.pt``, ``history.json`` and ``params.json``."""
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     network = result.module.cpu().eval()

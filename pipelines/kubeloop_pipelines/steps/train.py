@@ -19,7 +19,8 @@ from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop.contract.steps import MODEL_DIR
 from kubeloop_pipelines.contract import StepError, StepResult, read_json
 from kubeloop_pipelines.ml.evaluate import html_page, html_table, plot_learning_curves, png_tag
-from kubeloop_pipelines.ml.train import EpochStats, FitResult, save_trained, train_prepared
+from kubeloop_pipelines.ml.fitting import save_trained, train_prepared
+from kubeloop_pipelines.ml.train import EpochStats, FitResult
 from kubeloop_pipelines.ml.tune import format_param, resolved_params
 from kubeloop_pipelines.progress import StepReport, publish
 

@@ -21,7 +21,7 @@ from kubeloop.api.training_run import TrainingRunSpec, Tuning
 from kubeloop_pipelines.contract import StepResult, write_json
 from kubeloop_pipelines.ml import tune as tn
 from kubeloop_pipelines.ml.evaluate import figure_png, html_page, html_table, new_figure, png_tag
-from kubeloop_pipelines.ml.train import train_prepared
+from kubeloop_pipelines.ml.fitting import train_prepared
 from kubeloop_pipelines.progress import StepReport, publish
 
 REPORT = "reports/tuning.html"

@@ -36,6 +36,7 @@ from kubeloop.serving.artifact import load_model
 from kubeloop.serving.metrics import ServingMetrics
 from kubeloop_pipelines.contract import StepError, read_json
 from kubeloop_pipelines.ml.evaluate import compute_metrics
+from kubeloop_pipelines.ml.fitting import train_prepared
 from kubeloop_pipelines.ml.imbalance import FocalLoss, class_weights, resample
 from kubeloop_pipelines.ml.models import apply_params, arch_from, build_model
 from kubeloop_pipelines.ml.preprocess import Prepared, load_prepared
@@ -46,7 +47,6 @@ from kubeloop_pipelines.ml.train import (
     predict,
     score,
     serving_module,
-    train_prepared,
 )
 from kubeloop_pipelines.progress import StepReport
 from kubeloop_pipelines.steps import train as train_step
