@@ -44,10 +44,11 @@ venv: $(VENV_STAMP) ## create the cached Python environment (operator + dev tool
 	  2>/dev/null || $(VENV_DIR)/bin/pip install -q --no-deps -e . >/dev/null
 
 .PHONY: system-deps
-system-deps: ## Debian packages the tests and demo need (openssl, prometheus)
-	@command -v openssl >/dev/null && command -v prometheus >/dev/null || \
+system-deps: ## Debian packages the tests and demo need (openssl, prometheus, chromium)
+	@command -v openssl >/dev/null && command -v prometheus >/dev/null && \
+	  command -v chromium >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	     --no-install-recommends openssl prometheus >/dev/null)
+	     --no-install-recommends openssl prometheus chromium >/dev/null)
 
 .PHONY: cluster-build
 cluster-build: system-deps ## build kube-apiserver, etcd, controller-manager, scheduler, kubectl, helm, kwok (cached)

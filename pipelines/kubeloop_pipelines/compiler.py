@@ -6,6 +6,18 @@ baked into the IR as the default of the ``spec_json`` parameter (canonical JSON:
 defaults filled, keys sorted), so the IR alone describes the run; ``run_uri`` is the one
 argument given at submission.
 
+Caching that hits: with ``spec.caching`` the cached steps (``step_cache.SPEC_SLICES``: ingest,
+preprocess) get content-addressed inputs only — their *spec slice* (the fields they read, as
+canonical JSON) and the data fingerprint, the output of an uncached ``fingerprint`` task that
+hashes the data first — and no ``run_uri``: KFP derives a task's cache key from its component
+and input values, so an input that differs per attempt would make every key new. The run URI
+reaches them from the environment instead (``step_runner.RUN_URI_ENV``, set by the local
+runner). A Kubeflow cluster cannot put a per-run value into a task's environment, so there they
+run without it: their outputs are KFP artifacts (which later steps take as inputs), not paths
+under the run URI, and their progress records travel inside those artifacts until the first
+step with a run URI writes them into the run directory (``step_runner.carry_records``).
+With ``caching: false`` every step takes the whole spec and the run URI.
+
 What varies in KFP's compiled YAML: nothing time- or path-dependent in kfp 2.17 (it dumps with
 sorted keys; ``sdkVersion`` names the kfp release, which is fine); the tests compile in two
 processes with different working directories and hash seeds to keep it that way.
@@ -22,7 +34,6 @@ of ``spec.resources``, its node selector and tolerations; the GPU goes to tune a
 """
 
 import hashlib
-import json
 import tempfile
 import threading
 from collections.abc import Callable
@@ -39,6 +50,7 @@ from kubeloop.contract.labels import KUEUE_QUEUE_LABEL
 from kubeloop.contract.steps import DISPLAY_NAMES
 from kubeloop_pipelines import kfp_caller_lookup
 from kubeloop_pipelines.components import DEFAULT_IMAGE, StepComponents, step_components
+from kubeloop_pipelines.step_cache import canonical_json, sliced_spec_json
 
 kfp_caller_lookup.install()  # kfp asks inspect.stack() in every task setter (see module)
 
@@ -60,6 +72,9 @@ RETRY_BACKOFF_FACTOR = 2.0
 RETRY_BACKOFF_MAX = "3600s"
 GATES_CONDITION = "gates-passed"
 GATES_OUTPUT = "Output"  # evaluate's bool return value: gates_passed (see components.py)
+# The task that fingerprints the data for the cached steps: no step of its own (step_of_task
+# gives ''), never cached, the data credentials of ingest.
+FINGERPRINT_DISPLAY_NAME = "Fingerprint data"
 # data.credentialsSecret in the ingest step's pod: the files here, these keys as variables.
 CREDENTIALS_MOUNT = "/var/run/secrets/kubeloop/data"
 AWS_CREDENTIAL_KEYS = (
@@ -88,8 +103,7 @@ class CompiledPipeline:
 
 def canonical_spec_json(spec: TrainingRunSpec) -> str:
     """camelCase, defaults filled, keys sorted, no spaces: equal specs give equal text."""
-    data = spec.model_dump(mode="json", by_alias=True)
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical_json(spec)
 
 
 def optimizes(spec: TrainingRunSpec) -> bool:
@@ -129,8 +143,12 @@ def accelerator_resource(spec: TrainingRunSpec) -> str:
 def _configure(task: Any, step: str, spec: TrainingRunSpec, kueue_queue: str) -> Any:
     """Display name, caching, retries, resources and placement of one task."""
     res = spec.resources
-    task.set_display_name(DISPLAY_NAMES[step])
-    task.set_caching_options(spec.caching)
+    if step == "fingerprint":
+        task.set_display_name(FINGERPRINT_DISPLAY_NAME)
+        task.set_caching_options(False)
+    else:
+        task.set_display_name(DISPLAY_NAMES[step])
+        task.set_caching_options(spec.caching)
     task.set_retry(
         num_retries=spec.retries,
         backoff_duration=RETRY_BACKOFF,
@@ -201,9 +219,21 @@ def build_pipeline(
 
     def training_pipeline(run_uri: str, spec_json: str = spec_default) -> None:
         common = {"spec_json": spec_json, "run_uri": run_uri}
-        ingest = _with_credentials(task("ingest", c.ingest(**common)), spec)
+        ingest_args: dict[str, Any] = common
+        preprocess_args: dict[str, Any] = common
+        if spec.caching:  # content-addressed inputs (see the module docstring)
+            data_slice = sliced_spec_json(spec, "ingest")
+            fingerprint = _with_credentials(
+                task("fingerprint", c.fingerprint(spec_json=data_slice)), spec
+            ).output
+            ingest_args = {"spec_json": data_slice, "data_fingerprint": fingerprint}
+            preprocess_args = {
+                "spec_json": sliced_spec_json(spec, "preprocess"),
+                "data_fingerprint": fingerprint,
+            }
+        ingest = _with_credentials(task("ingest", c.ingest(**ingest_args)), spec)
         prepared = task(
-            "preprocess", c.preprocess(**common, raw=ingest.outputs["dataset"])
+            "preprocess", c.preprocess(**preprocess_args, raw=ingest.outputs["dataset"])
         ).outputs["prepared"]
         params = None
         if "tune" in steps:

@@ -39,31 +39,59 @@ from kfp.dsl import (
 DEFAULT_IMAGE = "ghcr.io/kubeloop/training:0.1.0"
 
 
+def fingerprint(*, spec_json: str) -> str:
+    """Fingerprint the data: a content hash of every data source (``step_cache``). Never
+    cached, so a change to the data reaches the cache keys of ingest and preprocess. A source
+    that cannot be read gets a unique value: ingest then runs and says what is wrong."""
+    import uuid
+
+    from kubeloop_pipelines.contract import parse_spec
+    from kubeloop_pipelines.step_cache import data_fingerprint
+
+    try:
+        return data_fingerprint(parse_spec(spec_json).data)
+    except Exception as exc:
+        print(f"data cannot be fingerprinted ({type(exc).__name__}: {exc}); not cached")
+        return f"unreadable:{uuid.uuid4().hex}"
+
+
 def ingest(
-    *, spec_json: str, run_uri: str, dataset: Output[Dataset], summary: Output[Markdown]
+    *,
+    spec_json: str,
+    dataset: Output[Dataset],
+    summary: Output[Markdown],
+    run_uri: str = "",
+    data_fingerprint: str = "",
 ) -> None:
     """Ingest: read the data source (file, object store or built-in dataset), keep the selected
-    features and the target, and split the rows (seeded) into train/validation/test."""
+    features and the target, and split the rows (seeded) into train/validation/test.
+
+    Cached (``spec.caching``): ``spec_json`` is the data slice and ``data_fingerprint`` the
+    data's content hash; no ``run_uri`` (the runner gives it as ``KUBELOOP_RUN_URI``)."""
     from kubeloop_pipelines.step_runner import run_step
 
-    run_step("ingest", spec_json, run_uri, {"dataset_dir": dataset.path}, summary=summary)
+    paths = {"dataset_dir": dataset.path}
+    run_step("ingest", spec_json, run_uri, paths, summary=summary, fingerprint=data_fingerprint)
 
 
 def preprocess(
     *,
     spec_json: str,
-    run_uri: str,
     raw: Input[Dataset],
     prepared: Output[Dataset],
     report: Output[HTML],
     metrics: Output[Metrics],
+    run_uri: str = "",
+    data_fingerprint: str = "",
 ) -> None:
     """Preprocess: clean (missing values, outliers, duplicates), check the data-quality gate,
-    fit the encoders and scalers on the training split and write the prepared arrays."""
+    fit the encoders and scalers on the training split and write the prepared arrays.
+
+    Cached like ingest: the data + preprocessing slice, the fingerprint, no ``run_uri``."""
     from kubeloop_pipelines.step_runner import run_step
 
     paths = {"raw_dir": raw.path, "prepared_dir": prepared.path, "report_html": report.path}
-    run_step("preprocess", spec_json, run_uri, paths, metrics=metrics)
+    run_step("preprocess", spec_json, run_uri, paths, metrics=metrics, fingerprint=data_fingerprint)
 
 
 def tune(
@@ -196,6 +224,7 @@ def register(
 
 
 STEP_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "fingerprint": fingerprint,
     "ingest": ingest,
     "preprocess": preprocess,
     "tune": tune,
@@ -212,6 +241,7 @@ class StepComponents:
     """The components of every step, built for one image."""
 
     image: str
+    fingerprint: Any
     ingest: Any
     preprocess: Any
     tune: Any

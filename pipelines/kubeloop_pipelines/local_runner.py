@@ -24,6 +24,14 @@ factor), like a cluster. A step that failed *permanently* (its progress record i
 soon as such a record appears (and the retried component would fail at once anyway, see
 ``step_runner.run_step``).
 
+Caching: kfp.local's own task cache (``local.init(enable_caching=...)``, off by default) stays
+off: it keys a task by its input artifacts' URIs and leaves the cached outputs in the first
+run's folder, and a hit skips the component, so the attempt's run directory would get no
+progress record. The cached steps look in the run store's step cache themselves
+(``step_cache``, ``step_runner.run_step``); they get the run URI from ``KUBELOOP_RUN_URI``, set
+here for every task this process starts, since a run URI input would change their inputs every
+attempt.
+
 ``kfp.local.init`` is process-global and the run blocks, hence one process per run; the
 operator starts it detached (``executor_local.LocalExecutor``) and re-attaches after a restart.
 """
@@ -46,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeloop_pipelines.progress import read_json_object, read_steps
+from kubeloop_pipelines.step_runner import RUN_URI_ENV
 
 PIPELINE_FILE = "pipeline.yaml"
 ARGUMENTS_FILE = "arguments.json"
@@ -200,6 +209,7 @@ class Run:
                 f"({pipeline.name!r}); kfp.local would run only that component"
             )
         threading.Thread(target=self.watch, name="watch", daemon=True).start()
+        os.environ[RUN_URI_ENV] = self.run_uri  # inherited by every task (see the docstring)
         try:
             pipeline(**self.arguments)
         except BaseException as exc:

@@ -398,6 +398,18 @@ BOUNDS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
         ("spec.data.groupColumn", "cannot also be the target"),
     ),
     (
+        "tr-counterfactuals-for-regression",
+        with_(
+            with_(TR, "spec.data.task", "regression"), "spec.explanation", {"counterfactuals": True}
+        ),
+        ("spec.explanation.counterfactuals", "need data.task: classification"),
+    ),
+    (
+        "tr-lime-without-an-explain-step",
+        with_(TR, "spec.explanation", {"method": "none", "lime": True}),
+        ("spec.explanation.method", "which method: none turns off"),
+    ),
+    (
         "tr-group-column-in-features",
         with_(
             with_(TR, "spec.data.groupColumn", "query_id"), "spec.data.features", ["x", "query_id"]

@@ -71,6 +71,11 @@ class Signature(ApiModel):
     outputs: list[TensorSpec] = Field(default_factory=list, max_length=64, description="Outputs.")
 
 
+ReportUri = Annotated[
+    str, StringConstraints(min_length=8, max_length=1024, pattern=ARTIFACT_URI_PATTERN)
+]
+
+
 class Lineage(ApiModel):
     """Where the model came from."""
 
@@ -89,6 +94,12 @@ class Lineage(ApiModel):
     )
     spec_hash: Annotated[str, StringConstraints(max_length=64)] | None = Field(
         default=None, description="Hash of the compiled pipeline that trained it."
+    )
+    report_uri: ReportUri | None = Field(
+        default=None,
+        description="The training run's explanation and evaluation report (one self-contained "
+        "HTML file: metrics, confusion matrix, learning curves, importances, partial "
+        "dependence, LIME, counterfactuals, optimisation decisions).",
     )
 
 

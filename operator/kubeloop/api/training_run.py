@@ -672,12 +672,58 @@ class Evaluation(ApiModel):
 
 
 class Explanation(ApiModel):
-    """Global and per-sample explanations, saved as plots."""
+    """Global and per-sample explanations, saved as plots, and the explanation report."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "self.method != 'none' || !(self.lime || self.partialDependence || "
+                "self.counterfactuals)",
+                "lime, partialDependence and counterfactuals run in the explain step, which "
+                "method: none turns off: choose a method (e.g. permutation)",
+                field_path=".method",
+            ),
+        )
+    }
 
     method: Literal["none", "shap", "permutation", "integrated_gradients", "gradcam"] = Field(
         default="permutation", description="Explanation technique."
     )
     samples: int = Field(default=100, ge=1, le=100000, description="Rows (or images) explained.")
+    lime: bool = Field(
+        default=False,
+        description="LIME (tables and text): for localRows held-out test rows, a weighted "
+        "linear model fitted on perturbations around the row, through the serving model.",
+    )
+    partial_dependence: bool = Field(
+        default=False,
+        description="Partial dependence and ICE curves of the most important features "
+        "(tables), swept over the serving model across each feature's training range.",
+    )
+    counterfactuals: bool = Field(
+        default=False,
+        description="For localRows held-out test rows, a small change of the top features "
+        "(within their training range, L1 cost in standard deviations) that flips the "
+        "predicted class; classification on tables only.",
+    )
+    local_rows: int = Field(
+        default=5, ge=1, le=20, description="Held-out test rows given LIME and counterfactuals."
+    )
+
+    @model_validator(mode="after")
+    def _extras_need_the_step(self) -> Self:
+        asked = {
+            "lime": self.lime,
+            "partialDependence": self.partial_dependence,
+            "counterfactuals": self.counterfactuals,
+        }
+        extras = [name for name, on in asked.items() if on]
+        if self.method == "none" and extras:
+            raise ValueError(
+                f"{', '.join(extras)} run in the explain step, which method: none turns off: "
+                "choose a method (e.g. permutation)"
+            )
+        return self
 
 
 class Optimization(ApiModel):
@@ -765,6 +811,12 @@ class TrainingRunSpec(ApiModel):
                 "embeddingDim must be divisible by heads",
                 field_path=".model.heads",
             ),
+            cel(
+                "self.data.task == 'classification' || !self.explanation.counterfactuals",
+                "explanation.counterfactuals flip a predicted class: they need data.task: "
+                "classification",
+                field_path=".explanation.counterfactuals",
+            ),
             *RANKING_NEEDS_GROUPS,
         )
     }
@@ -808,6 +860,15 @@ class TrainingRunSpec(ApiModel):
             raise ValueError(problem)
         return self
 
+    @model_validator(mode="after")
+    def _counterfactuals_need_classes(self) -> Self:
+        if self.explanation.counterfactuals and self.data.task != "classification":
+            raise ValueError(
+                "explanation.counterfactuals flip a predicted class: they need data.task: "
+                f"classification, not {self.data.task}"
+            )
+        return self
+
 
 class Trials(ApiModel):
     """Tuning progress."""
@@ -830,6 +891,24 @@ class Attempt(ApiModel):
     run_id: ShortText = Field(default="", description="Executor run id.")
     result: ShortText = Field(default="", description="Succeeded, Failed or Superseded.")
     finished_at: ShortText = Field(default="", description="When it ended.")
+
+
+class DataSnapshot(ApiModel):
+    """The data the current attempt trained on, as its ingest step read it."""
+
+    uri: Annotated[str, StringConstraints(max_length=1024)] = Field(
+        default="", description="data.uri it read (data.extra sources are counted in sources)."
+    )
+    fingerprint: Annotated[str, StringConstraints(max_length=128)] = Field(
+        default="",
+        description="Content hash of every data source (sha256:…): equal fingerprints, equal "
+        "data; with spec.caching, ingest and preprocess are reused while it stays the same.",
+    )
+    rows: int = Field(default=0, ge=0, description="Labelled rows read, every source together.")
+    sources: int = Field(default=0, ge=0, description="Data sources read (data.uri + extra).")
+    cached: bool = Field(
+        default=False, description="Ingest reused an earlier attempt's output (spec.caching)."
+    )
 
 
 class TrainingRunStatus(StatusBase):
@@ -859,6 +938,9 @@ class TrainingRunStatus(StatusBase):
     started_at: ShortText = Field(default="", description="Start of the current attempt.")
     completed_at: ShortText = Field(default="", description="End of the current attempt.")
     last_scheduled_at: ShortText = Field(default="", description="Last cron-triggered start.")
+    data: DataSnapshot | None = Field(
+        default=None, description="The data snapshot the current attempt trained on."
+    )
 
 
 class TrainingRun(Resource):
@@ -874,6 +956,7 @@ class TrainingRun(Resource):
             PrinterColumn("Best", ".status.bestMetric"),
             PrinterColumn("Model", ".status.modelVersion"),
             PrinterColumn("Executor", ".spec.executor", priority=1),
+            PrinterColumn("Data", ".status.data.fingerprint", priority=1),
             *ready_columns(),
         ),
     )

@@ -23,7 +23,13 @@ from typing import Any, Literal
 from croniter import croniter
 
 from kubeloop import reasons
-from kubeloop.api.training_run import Attempt, TrainingRunSpec, TrainingRunStatus, Trials
+from kubeloop.api.training_run import (
+    Attempt,
+    DataSnapshot,
+    TrainingRunSpec,
+    TrainingRunStatus,
+    Trials,
+)
 from kubeloop.contract.durations import parse_rfc3339, rfc3339, seconds
 from kubeloop.contract.evaluation import (
     METRICS_BY_TASK,
@@ -304,7 +310,28 @@ def _progress(status: TrainingRunStatus, steps: dict[str, dict[str, Any]]) -> st
             best_params={str(k): str(v)[:256] for k, v in list(best.items())[:32]},
             best_value=None if tune.get("bestValue") is None else float(tune["bestValue"]),
         )
+    snapshot = data_snapshot(steps.get("ingest", {}))
+    if snapshot is not None:
+        status.data = snapshot
     return message
+
+
+def data_snapshot(ingest: Mapping[str, Any]) -> DataSnapshot | None:
+    """``status.data`` from the ingest step's record: what it read and its fingerprint (only
+    once ingest succeeded — a failed or running ingest has trained on nothing yet)."""
+    data = ingest.get("data")
+    if ingest.get("state") != "Succeeded" or not isinstance(data, dict):
+        return None
+    try:
+        return DataSnapshot(
+            uri=str(data.get("uri") or "")[:1024],
+            fingerprint=str(data.get("fingerprint") or "")[:128],
+            rows=max(0, int(data.get("rows") or 0)),
+            sources=max(0, int(data.get("sources") or 0)),
+            cached=bool(ingest.get("cached", False)),
+        )
+    except (TypeError, ValueError):  # a record the step did not write: show nothing
+        return None
 
 
 def _best_metric(spec: TrainingRunSpec, metrics: dict[str, float]) -> str:

@@ -8,6 +8,14 @@ prediction (``reports/decision-path.json``, ``plots/explanation_decision_path.pn
 Publishes ``reports/explanation.html`` and ``plots/explanation_importance.png`` (with
 ``plots/explanation_samples.png`` for tables, ``plots/explanation_heatmaps.png`` for images).
 Metrics: ``importance_<feature>`` of the top 5.
+
+With ``explanation.lime`` / ``partialDependence`` / ``counterfactuals`` the serving artifact
+(``load_model``, exactly what serving runs) is also probed locally: LIME for a few held-out
+rows (tables, text), partial dependence and ICE of the top features and counterfactuals
+(tables). Everything — the evaluation record and learning curves, the importances, these and
+the optimisation decisions — goes into one self-contained ``reports/report.html``
+(``ml/report.py``), which the register step links from the ModelVersion
+(``spec.lineage.reportUri``).
 """
 
 from __future__ import annotations
@@ -22,19 +30,28 @@ from typing import Any
 import numpy as np
 
 from kubeloop.api.training_run import TrainingRunSpec
-from kubeloop_pipelines.contract import StepError, StepResult
+from kubeloop.contract.steps import EVALUATION_FILE
+from kubeloop.serving.artifact import load_model
+from kubeloop_pipelines.contract import HISTORY_FILE, StepError, StepResult
+from kubeloop_pipelines.ml import counterfactuals as cf
 from kubeloop_pipelines.ml import explain as ex
 from kubeloop_pipelines.ml import gbdt_explain as gx
+from kubeloop_pipelines.ml import lime_explain as lx
+from kubeloop_pipelines.ml import pdp
 from kubeloop_pipelines.ml.evaluate import html_page, html_table, png_tag
 from kubeloop_pipelines.ml.gbdt import is_tree_model, load_booster
 from kubeloop_pipelines.ml.preprocess import Prepared, load_prepared
+from kubeloop_pipelines.ml.report import REPORT_FILE, ReportInputs, build_report
 from kubeloop_pipelines.ml.train import load_trained, serving_module
-from kubeloop_pipelines.progress import StepReport, publish
+from kubeloop_pipelines.progress import StepReport, local_path, publish
 
 REPORT = "reports/explanation.html"
 DECISION_PATH = "reports/decision-path.json"  # trees only
 PLOTS = "plots"
 TOP_METRICS = 5
+SWEPT_FEATURES = 4  # partial dependence: the most important features
+SEARCHED_FEATURES = 5  # counterfactuals: the features the search may change
+OPTIMIZATION_FILE = "optimization.json"  # written by the optimize step into the model dir
 
 
 def metric_name(feature: str) -> str:
@@ -109,6 +126,111 @@ def _explain_forest(
     return explanation, gx.decision_path(booster, prepared.x_test[0], transform=prepared.transform)
 
 
+def _run_json(run_uri: str, name: str) -> Any:
+    """A JSON file an earlier step published into the run directory (None if absent)."""
+    if not run_uri:
+        return None
+    try:
+        path = local_path(run_uri)
+        if path is not None:
+            return json.loads((path / name).read_text())
+        import fsspec  # object stores: only the pipeline image needs fsspec
+
+        with fsspec.open(f"{run_uri.rstrip('/')}/{name}", "r") as fh:
+            return json.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _model_json(model_dir: Path, name: str) -> Any:
+    try:
+        return json.loads((model_dir / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _local_explanations(
+    spec: TrainingRunSpec,
+    prepared: Prepared,
+    model_dir: Path,
+    explanation: ex.Explanation,
+    report: StepReport,
+) -> ReportInputs:
+    """LIME, partial dependence / ICE and counterfactuals the spec asks for, through the
+    serving artifact; what does not apply to this data is a note in the report."""
+    asked = spec.explanation
+    inputs = ReportInputs(title="Explanation and evaluation report")
+    if not (asked.lime or asked.partial_dependence or asked.counterfactuals):
+        return inputs
+    served = load_model(model_dir)
+    modality, task = str(prepared.modality), str(prepared.task)
+    features, classes = [str(f) for f in prepared.serving_features], list(served.classes)
+    training = np.asarray(prepared.serving_rows("train"), dtype=np.float32)
+    training = ex.fill_missing(training, training)
+    test = np.asarray(prepared.serving_rows("test"), dtype=np.float32)
+    test = ex.fill_missing(test, training)
+    local = test[: asked.local_rows]
+    notes: list[str] = []
+    top = [features.index(name) for name, _ in explanation.ranking() if name in features]
+    tabular = modality == "tabular"
+    if asked.lime and modality == "text":
+        report.update(message=f"LIME on {len(local)} test texts", force=True)
+        vocabulary = _vocabulary(prepared)
+        texts = [lx.decode_tokens(row, vocabulary) for row in local]
+        on_texts = lx.text_predictor(served.predict, vocabulary, test.shape[1])
+        inputs.lime = lx.lime_text(on_texts, texts, task=task, classes=classes,
+                                   seed=spec.data.split.seed)  # fmt: skip
+        inputs.lime_inputs = texts
+    elif asked.lime and tabular:
+        report.update(message=f"LIME on {len(local)} test rows", force=True)
+        inputs.lime = lx.lime_tabular(
+            served.predict, training, local, features=features, task=task, classes=classes,
+            seed=spec.data.split.seed,
+        )  # fmt: skip
+    elif asked.lime:
+        notes.append(f"LIME: tables and text only; this run's data is {modality}")
+    if asked.partial_dependence and tabular:
+        report.update(message="partial dependence and ICE of the top features", force=True)
+        inputs.dependence = pdp.dependence_curves(
+            served.predict, test, training, features=features, chosen=top[:SWEPT_FEATURES],
+            task=task, classes=classes,
+        )  # fmt: skip
+    elif asked.partial_dependence:
+        notes.append(f"partial dependence: tables only; this run's data is {modality}")
+    if asked.counterfactuals and tabular:
+        report.update(message=f"counterfactuals of {len(local)} test rows", force=True)
+        inputs.counterfactuals = cf.counterfactuals(
+            served.predict, local, training, features=features, classes=classes,
+            candidates=top[:SEARCHED_FEATURES],
+        )  # fmt: skip
+    elif asked.counterfactuals:
+        notes.append(f"counterfactuals: tables only; this run's data is {modality}")
+    inputs.notes = notes
+    return inputs
+
+
+def _full_report(
+    spec: TrainingRunSpec,
+    prepared: Prepared,
+    model_dir: Path,
+    *,
+    run_uri: str,
+    explanation: ex.Explanation,
+    plots: dict[str, bytes],
+    report: StepReport,
+) -> str:
+    """The explanation and evaluation report (``ml/report.py``): the evaluate step's record
+    from the run directory, the learning curves and optimisation record from the model
+    directory, this step's explanations."""
+    full = _local_explanations(spec, prepared, model_dir, explanation, report)
+    full.evaluation = _run_json(run_uri, EVALUATION_FILE)
+    full.history = _model_json(model_dir, HISTORY_FILE) if spec.evaluation.learning_curves else None
+    full.optimization = _model_json(model_dir, OPTIMIZATION_FILE)
+    full.explanation = explanation
+    full.explanation_plots = {k: v for k, v in plots.items() if k != "importance"}
+    return build_report(full)
+
+
 def run(
     spec: TrainingRunSpec,
     *,
@@ -179,11 +301,19 @@ def run(
         )
     _write_report(report_html, "Explanation", sections)
 
+    full_html = _full_report(
+        spec, prepared, model_dir, run_uri=run_uri, explanation=explanation, plots=plots,
+        report=report,
+    )  # fmt: skip
+
     published: dict[str, str] = {}
     if run_uri:
         published["explanation_report"] = REPORT
         publish(run_uri, REPORT, report_html)
         with tempfile.TemporaryDirectory(prefix="kubeloop-explain-") as tmp:
+            (Path(tmp) / "report.html").write_text(full_html)
+            published["report"] = REPORT_FILE
+            publish(run_uri, REPORT_FILE, Path(tmp) / "report.html")
             for name, png in plots.items():
                 path = Path(tmp) / f"{name}.png"
                 path.write_bytes(png)

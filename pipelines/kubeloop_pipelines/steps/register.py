@@ -9,7 +9,9 @@ one place. The compiler only schedules this step when every gate passed.
 The manifest carries what drift detection and safe rollouts need later: the artifact URI and
 digest, the test metrics, the input signature (serving features in order), the lineage
 (dataset URI and digest), the training reference distribution of every feature and that of the
-prediction score (``kubeloop.contract.reference.manifest_reference``).
+prediction score (``kubeloop.contract.reference.manifest_reference``), and the link to the
+run's explanation and evaluation report (``lineage.reportUri``, when the explain step wrote
+one: ``ml/report.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from kubeloop_pipelines.contract import (
     read_json,
     write_json,
 )
+from kubeloop_pipelines.ml.report import REPORT_FILE
 from kubeloop_pipelines.progress import StepReport, local_path, publish, write_text
 
 METRIC_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
@@ -57,6 +60,7 @@ def build_manifest(
     model_json: dict[str, Any],
     schema: dict[str, Any],
     evaluation: dict[str, Any],
+    report_uri: str | None = None,
 ) -> dict[str, Any]:
     """The ModelVersion spec, without ``modelName``/``version`` (the operator sets them)."""
     task = str(model_json.get("task", spec.data.task))
@@ -82,6 +86,7 @@ def build_manifest(
     lineage = {
         "datasetUri": str(schema.get("source") or spec.data.uri)[:1024],
         "datasetSha256": str(schema.get("sha256") or "")[:64] or None,
+        "reportUri": report_uri,
     }
     manifest_spec: dict[str, Any] = {
         "artifact": artifact,
@@ -100,6 +105,17 @@ def build_manifest(
     # Validate here, where the step's log explains a failure, not only in the operator.
     ModelVersionSpec.model_validate({**manifest_spec, "modelName": "check", "version": 1})
     return {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "ModelVersion", "spec": manifest_spec}
+
+
+def report_uri(spec: TrainingRunSpec, run_uri: str) -> str | None:
+    """The run's report (``reports/report.html``) when the explain step wrote one: the compiler
+    runs this step after explain, so on an object store its being scheduled is enough."""
+    if not run_uri or spec.explanation.method == "none":
+        return None
+    path = local_path(run_uri)
+    if path is not None and not (path / REPORT_FILE).is_file():
+        return None
+    return f"{run_uri.rstrip('/')}/{REPORT_FILE}"
 
 
 def run(
@@ -140,6 +156,7 @@ def run(
         model_json=model_json,
         schema=schema,
         evaluation=evaluation,
+        report_uri=report_uri(spec, run_uri),
     )
     write_json(manifest_path, manifest)
     if run_uri:

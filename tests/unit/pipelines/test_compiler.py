@@ -179,7 +179,8 @@ def test_steps_follow_the_spec(change: dict[str, Any], steps: tuple[str, ...]) -
     compiled = compile_spec(spec_of(BASE, **change))
     assert compiled.steps == steps
     pipeline, _ = documents(compiled)
-    assert set(tasks(pipeline)) == set(steps)
+    # caching (the default) adds the uncached task that fingerprints the data (no step)
+    assert set(tasks(pipeline)) == {"fingerprint", *steps}
 
 
 def test_the_full_pipeline_in_order(full: CompiledPipeline) -> None:
@@ -228,8 +229,9 @@ def test_every_task_has_display_name_retries_and_caching(full: CompiledPipeline)
             "backoffMaxDuration": "3600s",
         }
         assert task["cachingOptions"] == {}  # caching: false
-    cached = documents(compile_spec(spec_of(BASE)))[0]
-    assert all(t["cachingOptions"] == {"enableCache": True} for t in tasks(cached).values())
+    cached = tasks(documents(compile_spec(spec_of(BASE)))[0])
+    assert cached.pop("fingerprint")["cachingOptions"] == {}  # it must see the data change
+    assert all(t["cachingOptions"] == {"enableCache": True} for t in cached.values())
 
 
 def test_resources_and_the_gpu_on_tune_and_train_only(full: CompiledPipeline) -> None:
@@ -346,7 +348,7 @@ def test_the_credentials_secret_reaches_only_the_ingest_step() -> None:
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env
     assert ingest["secretAsEnv"][0]["optional"] is True  # each key may be absent
     others = [name for name, e in executors.items() if "secretAsVolume" in e or "secretAsEnv" in e]
-    assert others == ["exec-ingest"]
+    assert others == ["exec-fingerprint", "exec-ingest"]  # the two tasks that read the data
     assert "GOOGLE_APPLICATION_CREDENTIALS" in compiled.ir_yaml  # gs:// data: the key file
     # No secret named: nothing mounted.
     plain = compile_spec(
