@@ -24,6 +24,7 @@ same key (:func:`step_key`) names a directory of the run store::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -189,9 +190,27 @@ def sliced_spec_json(spec: TrainingRunSpec, step: str) -> str:
 
 
 def step_key(step: str, spec_json: str, fingerprint: str) -> str:
-    """The cache key of a cached step: sha256 of the step, its sliced spec and the data."""
-    text = json.dumps([step, spec_json, fingerprint], separators=(",", ":"))
+    """The cache key of a cached step: sha256 of the step, its sliced spec, the data and the
+    pipeline code that ran it (as KFP's key holds the component's image: an upgraded operator
+    never reuses what older code computed)."""
+    text = json.dumps([step, spec_json, fingerprint, code_fingerprint()], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 over the source of the pipeline package and the contract it shares with the
+    operator (read once per process)."""
+    import kubeloop.contract
+    import kubeloop_pipelines
+
+    digest = hashlib.sha256()
+    for package in (kubeloop_pipelines, kubeloop.contract):
+        root = Path(next(iter(package.__path__)))
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def cache_root(run_uri: str) -> Path | None:

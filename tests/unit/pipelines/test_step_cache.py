@@ -257,3 +257,12 @@ def test_without_a_run_uri_the_records_travel_and_are_adopted(
     (run_dir / "steps" / "ingest.json").write_text('{"step": "ingest", "state": "Running"}')
     adopt_records(f"file://{run_dir}", {"prepared_dir": prepared})
     assert json.loads((run_dir / "steps" / "ingest.json").read_text())["state"] == "Running"
+
+
+def test_the_key_holds_the_pipeline_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What older code computed is never reused by newer code (KFP's key holds the image)."""
+    from kubeloop_pipelines import step_cache
+
+    before = step_cache.step_key("ingest", "{}", "sha256:x")
+    monkeypatch.setattr(step_cache, "code_fingerprint", lambda: "another version")
+    assert step_cache.step_key("ingest", "{}", "sha256:x") != before
