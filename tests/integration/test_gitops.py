@@ -533,16 +533,18 @@ async def test_what_the_operator_writes_is_drift_only_where_the_examples_ignore_
     for kind in ("TrainingRun", "ModelDeployment", "DriftPolicy"):
         assert objects[kind]["metadata"]["finalizers"] == ["kubeloop.dev/finalizer"], kind
         assert _managers_of(objects[kind], "metadata", "finalizers") == {"kopf/Update/"}, kind
-        # The daemon's status, and kopf's record of the handled spec (status.kopf).
-        assert _managers_of(objects[kind], "status") == {
-            "kubeloop/Update/status",
-            "kopf/Update/status",
-        }, kind
+        # The daemon's status, and kopf's state where it keeps any (status.kopf): these kinds
+        # are reconciled by daemons, and kopf records a handled spec only when a change handler
+        # matched (on resume, the migration of an older operator's annotations; progress while
+        # a deletion handler retries).
+        managers = _managers_of(objects[kind], "status")
+        assert "kubeloop/Update/status" in managers, kind
+        assert managers <= {"kubeloop/Update/status", "kopf/Update/status"}, (kind, managers)
     for kind in ("TrainingRun", "ModelDeployment", "DriftPolicy", "ModelVersion"):
         # kopf keeps its state in the status: no annotation of its own on the object.
         annotations = objects[kind]["metadata"].get("annotations", {})
         assert not any(a.startswith("kubeloop.dev/") for a in annotations), (kind, annotations)
-        assert "last-handled-configuration" in objects[kind]["status"]["kopf"], kind
+    assert "last-handled-configuration" in objects["ModelVersion"]["status"]["kopf"]
     assert "finalizers" not in objects["ModelVersion"]["metadata"]
     assert _managers_of(objects["ModelVersion"], "status") == {"kopf/Update/status"}
     for doc in git:

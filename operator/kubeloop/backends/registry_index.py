@@ -2,9 +2,10 @@
 
 Registering a burst of versions (a tuning sweep, a bulk import) changes one model's index many
 times within milliseconds; writing it once per burst instead of once per version keeps the
-operator's API traffic close to one status write per version. An index that already says what
-it should is not written again: a restart resumes every version, and each would otherwise
-rewrite its model's index (one read per model instead, then nothing while it stays current).
+operator's API traffic close to one status write per version. An index this process wrote is
+not written again while it says the same. After a restart each model's index is applied once
+(the operator may not read ConfigMaps: tenants keep their own configuration in them); an apply
+that changes nothing is no write to etcd and no watch event.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import logging
 from typing import Any
 
-from kubeloop.backends.kube import CONFIGMAPS, ApiError, KubeClient, NotFound
+from kubeloop.backends.kube import CONFIGMAPS, ApiError, KubeClient
 from kubeloop.backends.registry import VersionIndex
 from kubeloop.planning.model_version import VersionEntry, build_registry_index
 
@@ -48,10 +49,7 @@ class RegistryIndexWriter:
             try:
                 desired = build_registry_index(model, namespace, entries)
                 said = _says(desired)
-                if self._written.get(key) == said or (
-                    key not in self._written and await self._live_says(namespace, desired) == said
-                ):
-                    self._written[key] = said
+                if self._written.get(key) == said:
                     return
                 await self._kube.apply(CONFIGMAPS, namespace, desired)
                 self._written[key] = said
@@ -62,13 +60,6 @@ class RegistryIndexWriter:
                 )
                 await asyncio.sleep(self._delay * 2**attempt)
         log.error("gave up writing the index of %s/%s", namespace, model)
-
-    async def _live_says(self, namespace: str, desired: dict[str, Any]) -> tuple[Any, ...]:
-        try:
-            live = await self._kube.get(CONFIGMAPS, namespace, desired["metadata"]["name"])
-        except NotFound:
-            return ()
-        return _says(live)
 
     async def flush(self) -> None:
         """Wait for every scheduled write (tests and shutdown)."""
