@@ -443,21 +443,32 @@ def run_the_pipeline_pods(run: dict[str, Any], outputs: Path) -> list[str]:
     run_uri = run["runtime_config"]["parameters"]["run_uri"]
     steps = list(selected_steps(TrainingRunSpec.model_validate_json(spec_json)))
     assert steps == ["ingest", "preprocess", "train", "evaluate", "register"], steps
-    assert set(pipeline["root"]["dag"]["tasks"]) == {*steps[:-1], "condition-1"}
+    dag = pipeline["root"]["dag"]["tasks"]
+    # caching (the default): the uncached fingerprint task first (no step of its own)
+    assert set(dag) == {"fingerprint", *steps[:-1], "condition-1"}
 
     def out(task: str, name: str) -> PodArtifact:
         return PodArtifact(str(outputs / task / name))
+
+    def sliced(task: str) -> str:
+        """The spec slice the IR gives a cached task (its cache key holds no run_uri)."""
+        return str(dag[task]["inputs"]["parameters"]["spec_json"]["runtimeValue"]["constant"])
 
     common = {"spec_json": spec_json, "run_uri": run_uri}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny MLP: one thread is faster on a shared machine
     try:
+        fingerprint = c.fingerprint(spec_json=sliced("fingerprint"))
         dataset = out("ingest", "dataset")
-        c.ingest(**common, dataset=dataset, summary=out("ingest", "summary"))
+        c.ingest(
+            spec_json=sliced("ingest"), data_fingerprint=fingerprint,
+            dataset=dataset, summary=out("ingest", "summary"),
+        )  # fmt: skip
         prepared = out("preprocess", "prepared")
         c.preprocess(
-            **common, raw=dataset, prepared=prepared,
-            report=out("preprocess", "report"), metrics=out("preprocess", "metrics"),
+            spec_json=sliced("preprocess"), data_fingerprint=fingerprint, raw=dataset,
+            prepared=prepared, report=out("preprocess", "report"),
+            metrics=out("preprocess", "metrics"),
         )  # fmt: skip
         model = out("train", "model")
         c.train(

@@ -14,6 +14,8 @@ import asyncio
 import logging
 from typing import Any
 
+import aiohttp
+
 from kubeloop.backends.kube import CONFIGMAPS, ApiError, KubeClient
 from kubeloop.backends.registry import VersionIndex
 from kubeloop.planning.model_version import VersionEntry, build_registry_index
@@ -28,11 +30,14 @@ class RegistryIndexWriter:
         self._attempts = attempts
         self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._written: dict[tuple[str, str], tuple[Any, ...]] = {}  # what each index says
+        self._closed = False
 
     def schedule(self, namespace: str, model: str, index: VersionIndex) -> None:
         """Write the index of ``model`` soon, from the versions ``index`` holds then; calls
         within the delay coalesce into one write."""
         key = (namespace, model)
+        if self._closed:  # shutting down: the next operator's resume writes it
+            return
         if key not in self._pending:
             self._pending[key] = asyncio.create_task(self._write_later(key, index))
 
@@ -54,12 +59,18 @@ class RegistryIndexWriter:
                 await self._kube.apply(CONFIGMAPS, namespace, desired)
                 self._written[key] = said
                 return
-            except (ApiError, OSError, TimeoutError) as exc:
+            except (ApiError, OSError, TimeoutError, aiohttp.ClientError) as exc:
                 log.warning(
                     "index of %s/%s not written (attempt %d): %s", namespace, model, attempt, exc
                 )
                 await asyncio.sleep(self._delay * 2**attempt)
         log.error("gave up writing the index of %s/%s", namespace, model)
+
+    async def close(self) -> None:
+        """Make the writes already scheduled and accept no more (the operator's shutdown: a
+        handler finishing meanwhile must not write through a closed client)."""
+        self._closed = True
+        await self.flush()
 
     async def flush(self) -> None:
         """Wait for every scheduled write (tests and shutdown)."""

@@ -193,5 +193,5 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         # Index writes still waiting out their coalescing delay are made, not dropped (a
         # SIGKILLed operator's are redone by the next one's resume: each version reschedules).
         with contextlib.suppress(TimeoutError):  # the API may be what is gone
-            await asyncio.wait_for(ctx.index_writer.flush(), timeout=10)
+            await asyncio.wait_for(ctx.index_writer.close(), timeout=10)
         await ctx.kube.close()
