@@ -24,6 +24,7 @@ from hack import prometheus as prometheus_mod
 from hack.cluster import cluster as cluster_mod
 from kopf.testing import KopfRunner
 
+from kubeloop.backends.executor_local import LocalExecutor
 from kubeloop.backends.kube import NAMESPACES, KubeClient, NotFound, connection_info
 from kubeloop.backends.serving_local import LocalServingBackend
 from tests.conftest import ROOT
@@ -101,6 +102,14 @@ async def namespace(kube: KubeClient) -> AsyncIterator[str]:
     yield name
     with contextlib.suppress(NotFound):
         await kube.delete(NAMESPACES, None, name)
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[LocalExecutor]:
+    """The local executor (kfp.local in detached runner processes), stopped after the test."""
+    executor = LocalExecutor(tmp_path / "state")
+    yield executor
+    executor.stop_all()
 
 
 @pytest.fixture

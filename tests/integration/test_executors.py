@@ -16,7 +16,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -312,13 +312,6 @@ def compile_ir(pipeline: Any, folder: Path) -> str:
     package = folder / f"{pipeline.name}.yaml"
     compiler.Compiler().compile(pipeline, package_path=str(package))
     return package.read_text()
-
-
-@pytest.fixture
-def local(tmp_path: Path) -> Iterator[LocalExecutor]:
-    executor = LocalExecutor(tmp_path / "state")
-    yield executor
-    executor.stop_all()
 
 
 def runner_processes(marker: Path) -> list[int]:

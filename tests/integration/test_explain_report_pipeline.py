@@ -5,10 +5,7 @@ the registered manifest links it (``spec.lineage.reportUri``). No cluster is nee
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from kubeloop.api.model_version import ModelVersionSpec
 from kubeloop.api.training_run import TrainingRunSpec
@@ -29,13 +26,6 @@ SPEC = TrainingRunSpec.model_validate(
         "retries": 0,
     }
 )  # fmt: skip
-
-
-@pytest.fixture
-def local(tmp_path: Path) -> Iterator[LocalExecutor]:
-    executor = LocalExecutor(tmp_path / "state")
-    yield executor
-    executor.stop_all()
 
 
 async def test_the_registered_manifest_links_the_report(

@@ -10,11 +10,9 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop.backends.executor import RunObservation, Submission
@@ -38,13 +36,6 @@ SPEC = TrainingRunSpec.model_validate(
         "retries": 0,
     }
 )
-
-
-@pytest.fixture
-def local(tmp_path: Path) -> Iterator[LocalExecutor]:
-    executor = LocalExecutor(tmp_path / "state")
-    yield executor
-    executor.stop_all()
 
 
 async def finished(executor: LocalExecutor, sub: Submission, run_id: str) -> RunObservation:

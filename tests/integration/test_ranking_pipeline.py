@@ -9,11 +9,8 @@ and an over-fitting spec that the fit gate refuses, which the planner then repor
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from kubeloop import reasons
 from kubeloop.api.training_run import TrainingRunSpec, TrainingRunStatus
@@ -66,13 +63,6 @@ OVERFITTING = TrainingRunSpec.model_validate(
         },
     }
 )  # fmt: skip
-
-
-@pytest.fixture
-def local(tmp_path: Path) -> Iterator[LocalExecutor]:
-    executor = LocalExecutor(tmp_path / "state")
-    yield executor
-    executor.stop_all()
 
 
 async def run_locally(

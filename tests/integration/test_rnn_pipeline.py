@@ -5,11 +5,9 @@ artifact loaded by the serving runtime. The modules themselves: tests/unit/test_
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop.backends.executor_local import LocalExecutor
@@ -42,13 +40,6 @@ E2E_SPEC = TrainingRunSpec.model_validate(
         "retries": 0,
     }
 )  # fmt: skip
-
-
-@pytest.fixture
-def local(tmp_path: Path) -> Iterator[LocalExecutor]:
-    executor = LocalExecutor(tmp_path / "state")
-    yield executor
-    executor.stop_all()
 
 
 async def test_bidirectional_lstm_tuned_by_cmaes_runs_the_local_pipeline(

@@ -14,9 +14,7 @@ import pandas as pd
 from kubeloop.api.training_run import TrainingRunSpec
 from kubeloop.backends.executor_local import LocalExecutor
 from kubeloop_pipelines.compiler import compile_spec
-from tests.integration.test_executors import finished, local, submission
-
-__all__ = ["local"]  # the fixture, shared with test_executors.py
+from tests.integration.test_executors import finished, submission
 
 CACHED = ("ingest", "preprocess")
 
