@@ -56,6 +56,7 @@ from kubeloop.serving.loaded_model import (
     FloatArray,
     LoadedModel,
     Task,
+    check_artifact_kind,
     export_rows_program,
     metadata_fields,
     outputs,
@@ -102,12 +103,7 @@ def save_model(
 
     ``check_rows`` (raw rows, e.g. the validation split): run the bf16 accuracy check on them
     and record the verdict, so serving on a GPU may use bf16; without them it never does."""
-    if task not in TASKS:
-        raise ArtifactError(f"task={task!r} is not supported; expected one of {list(TASKS)}")
-    if modality not in MODALITIES:
-        raise ArtifactError(f"modality={modality!r}; expected one of {list(MODALITIES)}")
-    if task == "classification" and len(classes) < 2:
-        raise ArtifactError(f"classes={list(classes)!r}: classification needs at least 2 labels")
+    check_artifact_kind(task, modality, classes)
     width = len(features)
     for name, values in (("mean", mean), ("scale", scale)):
         if len(values) != width:

@@ -7,7 +7,7 @@ fields ``model.json`` gives and the row program both formats export the transfor
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -15,7 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from kubeloop.contract.reference import TABULAR
+from kubeloop.contract.artifact import TASKS
+from kubeloop.contract.reference import MODALITIES, TABULAR
 
 Task = Literal["classification", "regression"]
 FloatArray = npt.NDArray[np.float32]
@@ -135,3 +136,13 @@ def metadata_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
         "modality": str(meta["modality"]),
         "precision": dict(meta.get("precision") or {}),
     }
+
+
+def check_artifact_kind(task: str, modality: str, classes: Sequence[str]) -> None:
+    """What every format's writer refuses before it writes anything."""
+    if task not in TASKS:
+        raise ArtifactError(f"task={task!r} is not supported; expected one of {list(TASKS)}")
+    if modality not in MODALITIES:
+        raise ArtifactError(f"modality={modality!r}; expected one of {list(MODALITIES)}")
+    if task == "classification" and len(classes) < 2:
+        raise ArtifactError(f"classes={list(classes)!r}: classification needs at least 2 labels")

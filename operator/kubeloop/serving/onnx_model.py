@@ -31,15 +31,15 @@ from kubeloop.contract.artifact import (
     METADATA_FILE,
     ONNX_FILE,
     ONNX_FORMAT,
-    TASKS,
     TRANSFORM_PROGRAM_FILE,
 )
-from kubeloop.contract.reference import MODALITIES, TABULAR
+from kubeloop.contract.reference import TABULAR
 from kubeloop.serving.loaded_model import (
     ArtifactError,
     FloatArray,
     LoadedModel,
     Task,
+    check_artifact_kind,
     export_rows_program,
     metadata_fields,
 )
@@ -84,12 +84,7 @@ def save_onnx_model(
 ) -> Path:
     """Write ``model.onnx``, ``transform.pt2`` (``transform`` exported for rows of
     ``len(features)`` floats) and ``model.json`` into ``directory``."""
-    if task not in TASKS:
-        raise ArtifactError(f"task={task!r} is not supported; expected one of {list(TASKS)}")
-    if modality not in MODALITIES:
-        raise ArtifactError(f"modality={modality!r}; expected one of {list(MODALITIES)}")
-    if task == "classification" and len(classes) < 2:
-        raise ArtifactError(f"classes={list(classes)!r}: classification needs at least 2 labels")
+    check_artifact_kind(task, modality, classes)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     width = len(features)
